@@ -1,0 +1,87 @@
+"""aiocache_llm: cache, coalesce, rate-limit and remember LLM calls from an asyncio app.
+
+Layer 1 (storage protocols and their memory/Redis backends) is re-exported here;
+everything importable from ``aiocache_llm`` directly is public and listed in
+``__all__``. Submodules are implementation detail.
+"""
+
+from aiocache_llm.backends.memory.chat_memory import MemoryChatMemory
+from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
+from aiocache_llm.backends.memory.rate_limiter import MemoryRateLimiter
+from aiocache_llm.backends.memory.semantic_cache import MemorySemanticCache
+from aiocache_llm.backends.redis.chat_memory import RedisChatMemory
+from aiocache_llm.backends.redis.exact_cache import RedisExactCache
+from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
+from aiocache_llm.backends.redis.semantic_cache import RedisSemanticCache
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES
+from aiocache_llm.core.config import DEFAULT_ROLES, ChatMemoryConfig, RateLimitConfig
+from aiocache_llm.core.errors import (
+    AiocacheLLMError,
+    BackendError,
+    BackendUnavailableError,
+    ClosedResourceError,
+    CorruptEntryError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    RateLimitExceeded,
+    ValueTooLargeError,
+)
+from aiocache_llm.core.query import (
+    IGNORED_FIELDS,
+    Normalizer,
+    Query,
+    default_normalize,
+    signature,
+)
+from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
+from aiocache_llm.core.values import LLMResponse, Usage
+from aiocache_llm.protocols import (
+    AsyncChatMemory,
+    AsyncExactCache,
+    AsyncRateLimiter,
+    AsyncSemanticCache,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # values and keys
+    "LLMResponse",
+    "Usage",
+    "CacheStats",
+    "RateLimiterStats",
+    "ChatMemoryStats",
+    "Query",
+    "Normalizer",
+    "signature",
+    "default_normalize",
+    "IGNORED_FIELDS",
+    "DEFAULT_MAX_VALUE_BYTES",
+    # configuration
+    "RateLimitConfig",
+    "ChatMemoryConfig",
+    "DEFAULT_ROLES",
+    # layer 1: protocols and backends
+    "AsyncExactCache",
+    "AsyncSemanticCache",
+    "AsyncRateLimiter",
+    "AsyncChatMemory",
+    "MemoryExactCache",
+    "RedisExactCache",
+    "MemorySemanticCache",
+    "RedisSemanticCache",
+    "MemoryRateLimiter",
+    "RedisRateLimiter",
+    "MemoryChatMemory",
+    "RedisChatMemory",
+    # errors
+    "AiocacheLLMError",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "ValueTooLargeError",
+    "BackendError",
+    "BackendUnavailableError",
+    "CorruptEntryError",
+    "ClosedResourceError",
+    "RateLimitExceeded",
+]

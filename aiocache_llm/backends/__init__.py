@@ -1,0 +1,1 @@
+"""Layer 1 implementations: ``memory`` (one process) and ``redis`` (a fleet)."""

@@ -1,0 +1,1 @@
+"""Redis backends: ``redis.asyncio`` with pipelines and Lua scripts, shared by every process."""

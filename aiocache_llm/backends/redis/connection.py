@@ -1,0 +1,122 @@
+"""What every Redis backend shares: the client it talks through and the error boundary.
+
+A backend is given either ``url=`` (it builds and owns a client, closed by
+``aclose()``) or ``client=`` (a ``redis.asyncio.Redis`` the application owns and
+closes). Every redis-py error is mapped here to the library's own hierarchy with
+``raise backend_error(exc, ...) from exc``, so callers never see driver exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from aiocache_llm.core.errors import (
+    BackendError,
+    BackendUnavailableError,
+    InvalidInputError,
+    InvalidInputTypeError,
+)
+from aiocache_llm.core.lifecycle import AsyncResource
+from aiocache_llm.core.validation import check_key_prefix
+
+__all__ = [
+    "DEFAULT_SOCKET_TIMEOUT",
+    "DRIVER_ERRORS",
+    "RedisBackend",
+    "backend_error",
+]
+
+DEFAULT_SOCKET_TIMEOUT = 5.0
+"""Seconds a client built from ``url=`` waits to connect and for each reply."""
+
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError)
+"""What a Redis call may raise besides cancellation; caught only at the backend boundary."""
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # includes BusyLoadingError
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica promoted mid-failover
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    OSError,
+)
+
+
+def backend_error(exc: BaseException, operation: str) -> BackendError:
+    """Return the library error for a driver error raised during ``operation``."""
+    message = f"redis {operation} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _UNAVAILABLE):
+        return BackendUnavailableError(message)
+    return BackendError(message)
+
+
+class RedisBackend(AsyncResource):
+    """Base of the Redis backends: client ownership, key prefix and ``aclose()``."""
+
+    def __init__(self, *, url: str | None, client: Redis | None, key_prefix: str) -> None:
+        self._prefix = check_key_prefix(key_prefix)
+        if (url is None) == (client is None):
+            raise InvalidInputError("pass exactly one of url= or client=")
+        if client is not None:
+            if not isinstance(client, Redis):
+                raise InvalidInputTypeError(
+                    f"client must be a redis.asyncio.Redis, got {type(client).__name__}"
+                )
+            kwargs: dict[str, Any] = client.connection_pool.connection_kwargs
+            if kwargs.get("decode_responses"):
+                raise InvalidInputError(
+                    "client must be created with decode_responses=False: "
+                    "stored values and vectors are bytes"
+                )
+            self._redis = client
+            self._owns_client = False
+        else:
+            if not isinstance(url, str) or not url:
+                raise InvalidInputError("url must be a non-empty redis:// or rediss:// URL")
+            try:
+                self._redis = Redis.from_url(
+                    url,
+                    decode_responses=False,
+                    socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+                    socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT,
+                )
+            except ValueError as exc:
+                raise InvalidInputError(f"invalid Redis url {url!r}: {exc}") from exc
+            self._owns_client = True
+
+    @property
+    def key_prefix(self) -> str:
+        """Every key this backend writes starts with ``key_prefix + ":"``."""
+        return self._prefix
+
+    @property
+    def client(self) -> Redis:
+        """The ``redis.asyncio.Redis`` client this backend talks through."""
+        return self._redis
+
+    async def _release(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def _delete_matching(self, pattern: str, *, batch: int = 500) -> int:
+        """Delete the keys matching the glob ``pattern`` with SCAN (never KEYS).
+
+        O(N) in the database's key count, in steps of ``batch`` keys, each step one
+        SCAN and one UNLINK; returns how many keys were removed.
+        """
+        removed = 0
+        pending: list[bytes] = []
+        try:
+            async for key in self._redis.scan_iter(match=pattern, count=batch):
+                pending.append(key)
+                if len(pending) >= batch:
+                    removed += await self._redis.unlink(*pending)
+                    pending.clear()
+            if pending:
+                removed += await self._redis.unlink(*pending)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "clear") from exc
+        return removed

@@ -1,0 +1,219 @@
+"""``RedisExactCache``: the exact cache shared by every process that uses the same key prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
+from aiocache_llm.core.errors import CorruptEntryError
+from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.stats import CacheStats
+from aiocache_llm.core.validation import check_optional_positive_number, check_size_limit
+
+__all__ = ["RedisExactCache"]
+
+GET_AND_TOUCH = """
+-- Read an entry of a bounded cache and mark it most recently used.
+-- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> last use, ms)
+-- returns the stored bytes, or nil (and drops the entry from the index) on a miss
+local value = redis.call('GET', KEYS[1])
+if value then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[2], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), KEYS[1])
+else
+    redis.call('ZREM', KEYS[2], KEYS[1])
+end
+return value
+"""
+
+PUT_BOUNDED = """
+-- Store an entry of a bounded cache and evict the least recently used beyond the bound.
+-- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> last use, ms)
+-- ARGV[1] encoded value, ARGV[2] ttl in ms ('0' = none), ARGV[3] max entries
+-- returns the number of entries evicted
+if ARGV[2] == '0' then
+    redis.call('SET', KEYS[1], ARGV[1])
+else
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), KEYS[1])
+local overflow = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if overflow <= 0 then
+    return 0
+end
+local victims = redis.call('ZPOPMIN', KEYS[2], overflow)
+for i = 1, #victims, 2 do
+    redis.call('UNLINK', victims[i])
+end
+return overflow
+"""
+
+_INDEX_SUFFIX = "lru"
+
+
+class RedisExactCache(RedisBackend):
+    """Identical request -> stored answer, shared through Redis.
+
+    Answers every call like :class:`MemoryExactCache` (drop-in), with the entries in
+    Redis under ``{key_prefix}:{signature}``. Each ``get``/``put``/``invalidate`` is
+    one round trip and atomic on the server. Values are ``SET`` with ``PX`` expiry
+    (``ttl_seconds`` default, overridden per put; None = never).
+
+    ``max_size=None`` (or 0) leaves the size unbounded: Redis's own ``maxmemory``
+    policy is the only bound. A positive ``max_size`` keeps an exact LRU bound with
+    a recency index (a sorted set ``{key_prefix}:lru``) maintained by Lua scripts;
+    it costs one index write per hit and is not Redis Cluster compatible.
+
+    Hits and misses are counted per process; ``size`` is read from Redis: O(1) for a
+    bounded cache (entries expired but not yet evicted included), O(keys in the
+    database) with SCAN for an unbounded one. Data under our keys that this library
+    did not write is a miss, counted in ``corrupt_entries``, never decoded further.
+    Driver errors become :class:`BackendUnavailableError`/:class:`BackendError`.
+    Cancelling a call may leave its command executed or not, never half executed.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        client: Redis | None = None,
+        ttl_seconds: float | None = None,
+        key_prefix: str = "aiocache_llm:exact",
+        max_size: int | None = None,
+        normalize: Normalizer | None = None,
+        value_types: Iterable[type[BaseModel]] = (),
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
+        self._max_size = check_size_limit("max_size", max_size, allow_none=True) or 0
+        self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        self._keys = QueryKeys(normalize)
+        self._codec = ValueCodec(value_types, max_value_bytes=max_value_bytes)
+        super().__init__(url=url, client=client, key_prefix=key_prefix)
+        self._index_key = f"{self._prefix}:{_INDEX_SUFFIX}"
+        # entry keys end in a 64-character digest; other keys under the prefix do not
+        self._entry_pattern = f"{self._prefix}:" + "?" * 64
+        self._get_and_touch = self._redis.register_script(GET_AND_TOUCH)
+        self._put_bounded = self._redis.register_script(PUT_BOUNDED)
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._corrupt = 0
+
+    def __repr__(self) -> str:
+        bound = self._max_size or "unbounded"
+        return (
+            f"RedisExactCache(key_prefix={self._prefix!r}, max_size={bound}, "
+            f"ttl_seconds={self._ttl}, hits={self._hits}, misses={self._misses})"
+        )
+
+    def key(self, query: Query) -> str:
+        """Return the Redis key of ``query``: ``{key_prefix}:{signature}``."""
+        return f"{self._prefix}:{self._keys.digest(query)}"
+
+    async def get(self, query: Query) -> Any | None:
+        """Return the value stored for ``query`` (a fresh copy if mutable) or ``None``.
+
+        One round trip. Raises :class:`BackendError` (or its subclass
+        :class:`BackendUnavailableError`) when Redis fails; bad input raises before
+        any I/O.
+        """
+        self._check_open()
+        key = self.key(query)
+        try:
+            if self._max_size:
+                data = await self._get_and_touch(keys=[key, self._index_key])
+            else:
+                data = await self._redis.get(key)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "get") from exc
+        return self._decode(data)
+
+    def _decode(self, data: bytes | None) -> Any | None:
+        if data is None:
+            self._misses += 1
+            return None
+        try:
+            value = self._codec.decode(data)
+        except CorruptEntryError:
+            self._corrupt += 1
+            self._misses += 1
+            return None
+        self._hits += 1
+        return value
+
+    async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
+        """Store ``value`` for ``query`` with ``SET ... PX``; one round trip.
+
+        The value is validated and encoded before any I/O, so bad input raises and
+        leaves Redis unchanged.
+        """
+        self._check_open()
+        ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
+        key = self.key(query)
+        data = self._codec.encode(value)
+        ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else None
+        try:
+            if self._max_size:
+                evicted = await self._put_bounded(
+                    keys=[key, self._index_key], args=[data, ttl_ms or 0, self._max_size]
+                )
+                self._evictions += int(evicted)
+            else:
+                await self._redis.set(key, data, px=ttl_ms)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "put") from exc
+
+    async def invalidate(self, query: Query) -> bool:
+        """Delete the entry of ``query``; return whether one was there. One round trip."""
+        self._check_open()
+        key = self.key(query)
+        try:
+            if self._max_size:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.unlink(key)
+                    pipe.zrem(self._index_key, key)
+                    removed, _ = await pipe.execute()
+            else:
+                removed = await self._redis.unlink(key)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "invalidate") from exc
+        return bool(removed)
+
+    async def clear(self) -> None:
+        """Delete this cache's entries and index (SCAN + UNLINK, never KEYS); O(N).
+
+        Only ``{key_prefix}:<64-character digest>`` keys and the index are deleted:
+        other keys, nested prefixes such as ``{key_prefix}:v2`` included, stay.
+        """
+        self._check_open()
+        await self._delete_matching(self._entry_pattern)
+        try:
+            await self._redis.unlink(self._index_key)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "clear") from exc
+
+    async def stats(self) -> CacheStats:
+        """Return this process's hits and misses and the size held in Redis."""
+        self._check_open()
+        try:
+            if self._max_size:
+                size = await self._redis.zcard(self._index_key)
+            else:
+                size = 0
+                async for _ in self._redis.scan_iter(match=self._entry_pattern, count=1000):
+                    size += 1
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "stats") from exc
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            size=size,
+            evictions=self._evictions,
+            corrupt_entries=self._corrupt,
+        )

@@ -1,0 +1,1 @@
+"""Shared building blocks of every layer: values, keys, codec, errors, validation, configs."""

@@ -1,0 +1,187 @@
+"""The value codec: cached values <-> bytes, data only.
+
+Every stored value is ``MAGIC + kind + payload``:
+
+======  ==========================================  ==========================
+kind    value                                       payload
+======  ==========================================  ==========================
+``s``   ``str``                                     UTF-8 text
+``j``   JSON ``dict`` or ``list``                   JSON
+``m``   pydantic model                              ``type name`` ``\\n`` JSON
+======  ==========================================  ==========================
+
+Decoding never imports or constructs a class named by stored data: the type name of
+a model is looked up in this codec's registry, which holds only classes the
+application handed over (``value_types=`` or a model it stored itself). Anything
+else under our keys (a pickle, another library's entry, truncated bytes) is a
+:class:`CorruptEntryError`, which caches turn into a counted miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from aiocache_llm.core.errors import (
+    CorruptEntryError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    ValueTooLargeError,
+)
+from aiocache_llm.core.query import canonical_json
+from aiocache_llm.core.validation import check_size_limit
+from aiocache_llm.core.values import LLMResponse
+
+__all__ = ["DEFAULT_MAX_VALUE_BYTES", "ValueCodec"]
+
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+"""Largest encoded value a cache accepts unless told otherwise (16 MiB)."""
+
+_MAGIC = b"acl\x01"
+_STR = _MAGIC + b"s"
+_JSON = _MAGIC + b"j"
+_MODEL = _MAGIC + b"m"
+_HEADER_LEN = len(_STR)
+
+
+def _type_name(cls: type[BaseModel]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class ValueCodec:
+    """Encodes values for storage and decodes them back to an equal value of the same type.
+
+    ``encode`` validates completely before anything is stored, so a bad value raises
+    and leaves the cache unchanged. ``decode`` of a ``dict``/``list``/model always
+    builds a new object, so callers may mutate what they get.
+    """
+
+    __slots__ = ("_max_value_bytes", "_types")
+
+    def __init__(
+        self,
+        value_types: Iterable[type[BaseModel]] = (),
+        *,
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
+        limit = check_size_limit("max_value_bytes", max_value_bytes, allow_none=True)
+        self._max_value_bytes = limit or None
+        self._types: dict[str, type[BaseModel]] = {}
+        self.register(LLMResponse)
+        for cls in value_types:
+            self.register(cls)
+
+    @property
+    def max_value_bytes(self) -> int | None:
+        """The size bound on encoded values in bytes, or ``None`` for no bound."""
+        return self._max_value_bytes
+
+    def register(self, cls: type[BaseModel]) -> None:
+        """Allow ``cls`` to be decoded; idempotent.
+
+        Raises :class:`InvalidInputTypeError` if ``cls`` is not a pydantic model class
+        or another class is already registered under the same qualified name.
+        """
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            raise InvalidInputTypeError(
+                f"value_types must hold pydantic model classes, got {cls!r}"
+            )
+        name = _type_name(cls)
+        known = self._types.setdefault(name, cls)
+        if known is not cls:
+            raise InvalidInputTypeError(f"two different model classes are named {name!r}")
+
+    def encode(self, value: object) -> bytes:
+        """Return the stored form of ``value``; O(size of value).
+
+        Raises :class:`InvalidInputTypeError` for a type that cannot be cached,
+        :class:`InvalidInputError` for a value that would not come back equal (NaN,
+        tuples, non-``str`` keys, lone surrogates) and :class:`ValueTooLargeError`
+        beyond ``max_value_bytes``.
+        """
+        kind = type(value)
+        if kind is str:
+            data = _STR + _utf8(value)  # type: ignore[arg-type]
+        elif kind is dict or kind is list:
+            payload = canonical_json(value, what="value", sort_keys=False)
+            if orjson.loads(payload) != value:
+                raise InvalidInputError(
+                    "value does not survive a JSON round trip unchanged "
+                    "(tuples, sets or other non-JSON containers inside it?)"
+                )
+            data = _JSON + payload
+        elif isinstance(value, BaseModel):
+            data = self._encode_model(value)
+        else:
+            raise InvalidInputTypeError(
+                "a cached value must be a str, a JSON dict/list or a pydantic model, "
+                f"got {kind.__name__}"
+            )
+        if self._max_value_bytes is not None and len(data) > self._max_value_bytes:
+            raise ValueTooLargeError(
+                f"value is {len(data)} bytes encoded, above max_value_bytes={self._max_value_bytes}"
+            )
+        return data
+
+    def _encode_model(self, value: BaseModel) -> bytes:
+        cls = type(value)
+        self.register(cls)
+        try:
+            payload = value.model_dump_json().encode()
+            equal = cls.model_validate_json(payload) == value
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(
+                f"{cls.__name__} value cannot be stored as JSON: {exc}"
+            ) from exc
+        if not equal:
+            raise InvalidInputError(
+                f"{cls.__name__} value does not survive a JSON round trip unchanged"
+            )
+        return _MODEL + _type_name(cls).encode() + b"\n" + payload
+
+    def decode(self, data: bytes | str) -> Any:
+        """Return the value stored as ``data``; O(size of data).
+
+        Raises :class:`CorruptEntryError` for anything this codec did not write or whose
+        model type is not registered here.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        header = data[:_HEADER_LEN]
+        try:
+            if header == _STR:
+                return str(memoryview(data)[_HEADER_LEN:], "utf-8")
+            if header == _JSON:
+                value = orjson.loads(memoryview(data)[_HEADER_LEN:])
+                if type(value) is dict or type(value) is list:
+                    return value
+            elif header == _MODEL:
+                return self._decode_model(data)
+        except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeError, ValidationError
+            raise CorruptEntryError(f"stored value cannot be decoded: {exc}") from exc
+        raise CorruptEntryError("stored value was not written by aiocache_llm")
+
+    def _decode_model(self, data: bytes) -> BaseModel:
+        end = data.find(b"\n", _HEADER_LEN)
+        if end < 0:
+            raise CorruptEntryError("stored model value has no type name")
+        name = data[_HEADER_LEN:end].decode("utf-8")
+        cls = self._types.get(name)
+        if cls is None:
+            raise CorruptEntryError(
+                f"stored model type {name!r} is not registered; pass it in value_types="
+            )
+        try:
+            return cls.model_validate_json(data[end + 1 :])
+        except ValidationError as exc:
+            raise CorruptEntryError(f"stored {name} value does not validate: {exc}") from exc
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"value is not valid Unicode text: {exc}") from exc

@@ -1,0 +1,69 @@
+"""The exception hierarchy: every error the library raises derives from :class:`AiocacheLLMError`.
+
+Bad input is also a built-in ``ValueError``/``TypeError`` (multiple inheritance), so
+callers that already catch those keep working; backend failures are never built-ins,
+so ``except ValueError`` does not swallow a dead Redis.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiocacheLLMError",
+    "BackendError",
+    "BackendUnavailableError",
+    "ClosedResourceError",
+    "CorruptEntryError",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "RateLimitExceeded",
+    "ValueTooLargeError",
+]
+
+
+class AiocacheLLMError(Exception):
+    """Root of every exception raised by aiocache_llm."""
+
+
+class InvalidInputError(AiocacheLLMError, ValueError):
+    """An argument has the right type but an unacceptable value (empty id, NaN, negative tokens)."""
+
+
+class InvalidInputTypeError(AiocacheLLMError, TypeError):
+    """An argument (or a value to cache) has a type the library cannot accept."""
+
+
+class ValueTooLargeError(InvalidInputError):
+    """A value to store is larger than the backend's configured ``max_value_bytes``."""
+
+
+class BackendError(AiocacheLLMError):
+    """A storage backend failed. The original driver error is chained as ``__cause__``."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend could not be reached in time (connection refused, timeout, loading, failover)."""
+
+
+class CorruptEntryError(BackendError):
+    """Data found under one of the library's keys is not something the library wrote.
+
+    Caches treat such an entry as a miss and count it; it is raised only where
+    dropping data silently would be worse (chat history).
+    """
+
+
+class ClosedResourceError(AiocacheLLMError):
+    """The cache, limiter or memory was used after ``aclose()``."""
+
+
+class RateLimitExceeded(AiocacheLLMError):
+    """A rate limiter refused tokens.
+
+    ``retry_after`` is the number of seconds after which the same request could be
+    granted if nothing else consumes budget meanwhile, or ``None`` when it can never
+    be granted (the request alone exceeds the budget).
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,218 @@
+"""Queries and their keys.
+
+A *query* is a chat-completion request: a mapping such as
+``{"model": ..., "messages": [...], "temperature": ...}``, a pydantic model of one,
+or a plain ``str`` meaning a single user message. Its key is
+:func:`signature`: the SHA-256 hex digest of the canonical JSON (keys sorted at
+every depth, no whitespace, UTF-8) of the *normalized* request.
+
+Normalization (:func:`default_normalize`) drops the top-level fields listed in
+:data:`IGNORED_FIELDS`, which never change the answer, and top-level ``None``
+values (an absent parameter and ``None`` both mean "provider default"). A cache's
+``normalize=`` hook replaces it; compose with ``default_normalize`` to extend it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
+
+__all__ = [
+    "IGNORED_FIELDS",
+    "Normalizer",
+    "Query",
+    "QueryKeys",
+    "canonical_json",
+    "default_normalize",
+    "signature",
+]
+
+Query = str | Mapping[str, Any] | BaseModel
+"""What every cache, the gateway and :func:`signature` accept as a request."""
+
+Normalizer = Callable[[dict[str, Any]], Mapping[str, Any]]
+"""A hook ``request dict -> request mapping`` applied before hashing."""
+
+IGNORED_FIELDS: frozenset[str] = frozenset(
+    {
+        "user",
+        "stream",
+        "stream_options",
+        "store",
+        "metadata",
+        "request_id",
+        "idempotency_key",
+        "timeout",
+        "extra_headers",
+        "extra_query",
+        "service_tier",
+    }
+)
+"""Top-level request fields left out of the key by :func:`default_normalize`."""
+
+_SORTED = orjson.OPT_SORT_KEYS
+_SCOPE_MARKER = "\x00semantic-text\x00"
+
+
+def default_normalize(request: dict[str, Any]) -> Mapping[str, Any]:
+    """Drop :data:`IGNORED_FIELDS` and top-level ``None`` values; O(number of fields).
+
+    Returns the same object when there is nothing to drop (the common case), so the
+    key of a plain request costs no copy.
+    """
+    if IGNORED_FIELDS.isdisjoint(request) and None not in request.values():
+        return request
+    return {k: v for k, v in request.items() if k not in IGNORED_FIELDS and v is not None}
+
+
+def as_request(query: object) -> dict[str, Any]:
+    """Return the query as a request ``dict`` (the input object itself when it is a dict).
+
+    Raises :class:`InvalidInputTypeError` for anything that is not a ``str``, mapping or
+    pydantic model, and :class:`InvalidInputError` for an empty one.
+    """
+    kind = type(query)
+    if kind is dict:
+        request: dict[str, Any] = query  # type: ignore[assignment]
+    elif kind is str:
+        if not query:
+            raise InvalidInputError("query must not be an empty string")
+        return {"messages": [{"role": "user", "content": query}]}
+    elif isinstance(query, BaseModel):
+        request = query.model_dump(mode="json", exclude_none=True)
+    elif isinstance(query, Mapping):
+        request = dict(query)
+    else:
+        raise InvalidInputTypeError(
+            f"query must be a str, a mapping or a pydantic model, got {kind.__name__}"
+        )
+    if not request:
+        raise InvalidInputError("query must not be empty")
+    return request
+
+
+def canonical_json(obj: object, *, what: str = "query", sort_keys: bool = True) -> bytes:
+    """Serialize ``obj`` as compact UTF-8 JSON, keys sorted at every depth by default.
+
+    O(size of obj). Raises :class:`InvalidInputTypeError` for values JSON cannot
+    represent (non-``str`` keys, arbitrary objects, integers beyond 64 bits) and
+    :class:`InvalidInputError` for lone surrogates and for NaN or infinite floats,
+    which JSON would otherwise turn into ``null`` and so into somebody else's key.
+    """
+    try:
+        encoded = orjson.dumps(obj, option=_SORTED if sort_keys else None)
+    except orjson.JSONEncodeError as exc:
+        if "surrogates" in str(exc):
+            raise InvalidInputError(f"{what} is not valid Unicode text: {exc}") from exc
+        raise InvalidInputTypeError(f"{what} is not JSON-serializable: {exc}") from exc
+    # orjson writes NaN/inf as null: only when a null appears is the slow walk needed.
+    if b"null" in encoded:
+        _reject_non_finite(obj, what)
+    return encoded
+
+
+def _reject_non_finite(obj: object, path: str) -> None:
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise InvalidInputError(f"{path} contains a non-finite float ({obj})")
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _reject_non_finite(value, f"{path}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            _reject_non_finite(value, f"{path}[{index}]")
+
+
+def _hexdigest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class QueryKeys:
+    """Turns queries into keys with one normalization hook; shared by every cache.
+
+    Stateless apart from the hook, so one instance may serve any number of tasks.
+    """
+
+    __slots__ = ("_normalize",)
+
+    def __init__(self, normalize: Normalizer | None = None) -> None:
+        if normalize is not None and not callable(normalize):
+            raise InvalidInputTypeError(
+                f"normalize must be callable, got {type(normalize).__name__}"
+            )
+        self._normalize: Normalizer = normalize or default_normalize
+
+    def request(self, query: object) -> Mapping[str, Any]:
+        """Return the normalized request; raises like :func:`as_request`."""
+        normalized = self._normalize(as_request(query))
+        if not isinstance(normalized, Mapping):
+            raise InvalidInputTypeError(
+                f"normalize must return a mapping, got {type(normalized).__name__}"
+            )
+        return normalized
+
+    def digest(self, query: object) -> str:
+        """Return the SHA-256 hex digest of the canonical JSON of the normalized query."""
+        return _hexdigest(canonical_json(self.request(query)))
+
+    def semantic_parts(self, query: object) -> tuple[str, str, str]:
+        """Split a query for the semantic cache into ``(scope, text, digest)``.
+
+        ``text`` is the content of the last user message (text parts joined by
+        newlines when the content is a list of parts). ``scope`` is the digest of
+        everything else (model, system prompt, earlier turns, parameters), which a
+        paraphrase must match exactly. ``digest`` is the exact key of the whole query.
+        Raises :class:`InvalidInputError` when there is no non-empty user message.
+        """
+        request = self.request(query)
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidInputError("a semantic query needs a non-empty 'messages' list")
+        for index in range(len(messages) - 1, -1, -1):
+            message = messages[index]
+            if isinstance(message, Mapping) and message.get("role") == "user":
+                break
+        else:
+            raise InvalidInputError("a semantic query needs at least one 'user' message")
+        text = _message_text(message.get("content"))
+        if not text.strip():
+            raise InvalidInputError("the last user message of a semantic query has no text")
+        scoped_messages = list(messages)
+        scoped_messages[index] = {**message, "content": _SCOPE_MARKER}
+        scope = _hexdigest(canonical_json({**request, "messages": scoped_messages}))
+        return scope, text, _hexdigest(canonical_json(request))
+
+
+def _message_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(parts)
+    raise InvalidInputTypeError(
+        f"message content must be a str or a list of parts, got {type(content).__name__}"
+    )
+
+
+_DEFAULT_KEYS = QueryKeys()
+
+
+def signature(query: Query, *, normalize: Normalizer | None = None) -> str:
+    """Return the cache key digest of ``query``: SHA-256 hex of its canonical JSON.
+
+    Dict key order never changes it; fields in :data:`IGNORED_FIELDS` are left out
+    unless ``normalize`` says otherwise. Redis keys are ``{key_prefix}:{signature}``.
+    """
+    keys = _DEFAULT_KEYS if normalize is None else QueryKeys(normalize)
+    return keys.digest(query)
