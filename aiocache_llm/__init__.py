@@ -1,6 +1,7 @@
 """aiocache_llm: cache, coalesce, rate-limit and remember LLM calls from an asyncio app.
 
-Layer 1 (storage protocols and their memory/Redis backends) is re-exported here;
+Layer 1 (storage protocols and their memory/Redis backends), layer 2 (single-flight
+coalescing) and layer 3 (the gateway and the decorator) are re-exported here;
 everything importable from ``aiocache_llm`` directly is public and listed in
 ``__all__``. Submodules are implementation detail.
 """
@@ -13,6 +14,7 @@ from aiocache_llm.backends.redis.chat_memory import RedisChatMemory
 from aiocache_llm.backends.redis.exact_cache import RedisExactCache
 from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
 from aiocache_llm.backends.redis.semantic_cache import RedisSemanticCache
+from aiocache_llm.coalescing.single_flight import SingleFlight, SingleFlightStats
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES
 from aiocache_llm.core.config import DEFAULT_ROLES, ChatMemoryConfig, RateLimitConfig
 from aiocache_llm.core.errors import (
@@ -23,6 +25,7 @@ from aiocache_llm.core.errors import (
     CorruptEntryError,
     InvalidInputError,
     InvalidInputTypeError,
+    ProviderTimeoutError,
     RateLimitExceeded,
     ValueTooLargeError,
 )
@@ -35,6 +38,11 @@ from aiocache_llm.core.query import (
 )
 from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
 from aiocache_llm.core.values import LLMResponse, Usage
+from aiocache_llm.gateway.decorator import cached_completion
+from aiocache_llm.gateway.gateway import InferenceGateway, WarmFailure, WarmReport
+from aiocache_llm.gateway.guard import BreakerState
+from aiocache_llm.gateway.stats import GatewayStats
+from aiocache_llm.gateway.tokens import estimate_tokens
 from aiocache_llm.protocols import (
     AsyncChatMemory,
     AsyncExactCache,
@@ -74,6 +82,17 @@ __all__ = [
     "RedisRateLimiter",
     "MemoryChatMemory",
     "RedisChatMemory",
+    # layer 2: coalescing
+    "SingleFlight",
+    "SingleFlightStats",
+    # layer 3: gateway and decorator
+    "InferenceGateway",
+    "GatewayStats",
+    "WarmReport",
+    "WarmFailure",
+    "BreakerState",
+    "estimate_tokens",
+    "cached_completion",
     # errors
     "AiocacheLLMError",
     "InvalidInputError",
@@ -83,5 +102,6 @@ __all__ = [
     "BackendUnavailableError",
     "CorruptEntryError",
     "ClosedResourceError",
+    "ProviderTimeoutError",
     "RateLimitExceeded",
 ]

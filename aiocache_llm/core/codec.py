@@ -6,7 +6,7 @@ Every stored value is ``MAGIC + kind + payload``:
 kind    value                                       payload
 ======  ==========================================  ==========================
 ``s``   ``str``                                     UTF-8 text
-``j``   JSON ``dict`` or ``list``                   JSON
+``j``   JSON ``dict``, ``list``, number or bool     JSON
 ``m``   pydantic model                              ``type name`` ``\\n`` JSON
 ======  ==========================================  ==========================
 
@@ -45,6 +45,8 @@ _STR = _MAGIC + b"s"
 _JSON = _MAGIC + b"j"
 _MODEL = _MAGIC + b"m"
 _HEADER_LEN = len(_STR)
+# None is not among them: a cache answers None for a miss
+_JSON_TYPES = frozenset({dict, list, int, float, bool})
 
 
 def _type_name(cls: type[BaseModel]) -> str:
@@ -105,7 +107,7 @@ class ValueCodec:
         kind = type(value)
         if kind is str:
             data = _STR + _utf8(value)  # type: ignore[arg-type]
-        elif kind is dict or kind is list:
+        elif kind in _JSON_TYPES:
             payload = canonical_json(value, what="value", sort_keys=False)
             if orjson.loads(payload) != value:
                 raise InvalidInputError(
@@ -117,8 +119,8 @@ class ValueCodec:
             data = self._encode_model(value)
         else:
             raise InvalidInputTypeError(
-                "a cached value must be a str, a JSON dict/list or a pydantic model, "
-                f"got {kind.__name__}"
+                "a cached value must be a str, a JSON dict/list/number/bool or a pydantic "
+                f"model, got {kind.__name__}"
             )
         if self._max_value_bytes is not None and len(data) > self._max_value_bytes:
             raise ValueTooLargeError(
@@ -156,7 +158,7 @@ class ValueCodec:
                 return str(memoryview(data)[_HEADER_LEN:], "utf-8")
             if header == _JSON:
                 value = orjson.loads(memoryview(data)[_HEADER_LEN:])
-                if type(value) is dict or type(value) is list:
+                if type(value) in _JSON_TYPES:
                     return value
             elif header == _MODEL:
                 return self._decode_model(data)

@@ -15,6 +15,7 @@ __all__ = [
     "CorruptEntryError",
     "InvalidInputError",
     "InvalidInputTypeError",
+    "ProviderTimeoutError",
     "RateLimitExceeded",
     "ValueTooLargeError",
 ]
@@ -56,14 +57,22 @@ class ClosedResourceError(AiocacheLLMError):
     """The cache, limiter or memory was used after ``aclose()``."""
 
 
+class ProviderTimeoutError(AiocacheLLMError, TimeoutError):
+    """The provider did not answer within the gateway's ``provider_timeout``."""
+
+
 class RateLimitExceeded(AiocacheLLMError):
     """A rate limiter refused tokens.
 
     ``retry_after`` is the number of seconds after which the same request could be
     granted if nothing else consumes budget meanwhile, or ``None`` when it can never
-    be granted (the request alone exceeds the budget).
+    be granted (the request alone exceeds the budget). ``user_id`` names whose budget
+    refused, when known.
     """
 
-    def __init__(self, message: str, *, retry_after: float | None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None, user_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.user_id = user_id

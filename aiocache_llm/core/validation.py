@@ -20,6 +20,7 @@ __all__ = [
     "check_id",
     "check_key_prefix",
     "check_optional_positive_number",
+    "check_positive_number",
     "check_positive_int",
     "check_size_limit",
     "check_similarity",
@@ -55,6 +56,14 @@ def check_finite_number(name: str, value: object) -> float:
     result = float(value)
     if not math.isfinite(result):
         raise InvalidInputError(f"{name} must be finite, got {value}")
+    return result
+
+
+def check_positive_number(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number strictly greater than zero."""
+    result = check_finite_number(name, value)
+    if result <= 0:
+        raise InvalidInputError(f"{name} must be > 0, got {value}")
     return result
 
 

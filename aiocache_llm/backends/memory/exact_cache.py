@@ -68,14 +68,21 @@ class MemoryExactCache(AsyncResource):
             f"hits={self._hits}, misses={self._misses})"
         )
 
+    def signature(self, query: Query) -> str:
+        """Return the digest this cache files ``query`` under (its ``normalize`` applied)."""
+        return self._keys.digest(query)
+
     async def get(self, query: Query) -> Any | None:
         """Return the value stored for ``query`` (a fresh copy if mutable) or ``None``.
 
         Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a query
         that cannot be keyed.
         """
+        return await self.get_by_signature(self._keys.digest(query))
+
+    async def get_by_signature(self, digest: str) -> Any | None:
+        """:meth:`get` for a digest already computed with :meth:`signature`."""
         self._check_open()
-        digest = self._keys.digest(query)
         entry = self._entries.get(digest)
         if entry is not None:
             data, expires_at = entry
@@ -94,9 +101,14 @@ class MemoryExactCache(AsyncResource):
         validated and encoded before anything changes, so a bad value (or query)
         raises and leaves the cache as it was.
         """
+        await self.put_by_signature(self._keys.digest(query), value, ttl_seconds=ttl_seconds)
+
+    async def put_by_signature(
+        self, digest: str, value: Any, *, ttl_seconds: float | None = None
+    ) -> None:
+        """:meth:`put` for a digest already computed with :meth:`signature`."""
         self._check_open()
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-        digest = self._keys.digest(query)
         data = self._codec.encode(value)
         now = self._clock()
         expires_at = _NEVER

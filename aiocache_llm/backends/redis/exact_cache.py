@@ -19,12 +19,12 @@ __all__ = ["RedisExactCache"]
 
 GET_AND_TOUCH = """
 -- Read an entry of a bounded cache and mark it most recently used.
--- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> last use, ms)
+-- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> use tick),
+-- KEYS[3] use tick counter (a tick, unlike a timestamp, never ties)
 -- returns the stored bytes, or nil (and drops the entry from the index) on a miss
 local value = redis.call('GET', KEYS[1])
 if value then
-    local t = redis.call('TIME')
-    redis.call('ZADD', KEYS[2], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), KEYS[1])
+    redis.call('ZADD', KEYS[2], 'XX', redis.call('INCR', KEYS[3]), KEYS[1])
 else
     redis.call('ZREM', KEYS[2], KEYS[1])
 end
@@ -33,7 +33,8 @@ return value
 
 PUT_BOUNDED = """
 -- Store an entry of a bounded cache and evict the least recently used beyond the bound.
--- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> last use, ms)
+-- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> use tick),
+-- KEYS[3] use tick counter
 -- ARGV[1] encoded value, ARGV[2] ttl in ms ('0' = none), ARGV[3] max entries
 -- returns the number of entries evicted
 if ARGV[2] == '0' then
@@ -41,8 +42,7 @@ if ARGV[2] == '0' then
 else
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), KEYS[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), KEYS[1])
 local overflow = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if overflow <= 0 then
     return 0
@@ -67,7 +67,8 @@ class RedisExactCache(RedisBackend):
 
     ``max_size=None`` (or 0) leaves the size unbounded: Redis's own ``maxmemory``
     policy is the only bound. A positive ``max_size`` keeps an exact LRU bound with
-    a recency index (a sorted set ``{key_prefix}:lru``) maintained by Lua scripts;
+    a recency index (a sorted set ``{key_prefix}:lru`` scored by a use counter
+    ``{key_prefix}:lru:tick``) maintained by Lua scripts;
     it costs one index write per hit and is not Redis Cluster compatible.
 
     Hits and misses are counted per process; ``size`` is read from Redis: O(1) for a
@@ -96,6 +97,7 @@ class RedisExactCache(RedisBackend):
         self._codec = ValueCodec(value_types, max_value_bytes=max_value_bytes)
         super().__init__(url=url, client=client, key_prefix=key_prefix)
         self._index_key = f"{self._prefix}:{_INDEX_SUFFIX}"
+        self._index_keys = (self._index_key, f"{self._index_key}:tick")
         # entry keys end in a 64-character digest; other keys under the prefix do not
         self._entry_pattern = f"{self._prefix}:" + "?" * 64
         self._get_and_touch = self._redis.register_script(GET_AND_TOUCH)
@@ -112,6 +114,10 @@ class RedisExactCache(RedisBackend):
             f"ttl_seconds={self._ttl}, hits={self._hits}, misses={self._misses})"
         )
 
+    def signature(self, query: Query) -> str:
+        """Return the digest this cache files ``query`` under (its ``normalize`` applied)."""
+        return self._keys.digest(query)
+
     def key(self, query: Query) -> str:
         """Return the Redis key of ``query``: ``{key_prefix}:{signature}``."""
         return f"{self._prefix}:{self._keys.digest(query)}"
@@ -123,11 +129,15 @@ class RedisExactCache(RedisBackend):
         :class:`BackendUnavailableError`) when Redis fails; bad input raises before
         any I/O.
         """
+        return await self.get_by_signature(self._keys.digest(query))
+
+    async def get_by_signature(self, digest: str) -> Any | None:
+        """:meth:`get` for a digest already computed with :meth:`signature`."""
         self._check_open()
-        key = self.key(query)
+        key = f"{self._prefix}:{digest}"
         try:
             if self._max_size:
-                data = await self._get_and_touch(keys=[key, self._index_key])
+                data = await self._get_and_touch(keys=[key, *self._index_keys])
             else:
                 data = await self._redis.get(key)
         except DRIVER_ERRORS as exc:
@@ -153,15 +163,21 @@ class RedisExactCache(RedisBackend):
         The value is validated and encoded before any I/O, so bad input raises and
         leaves Redis unchanged.
         """
+        await self.put_by_signature(self._keys.digest(query), value, ttl_seconds=ttl_seconds)
+
+    async def put_by_signature(
+        self, digest: str, value: Any, *, ttl_seconds: float | None = None
+    ) -> None:
+        """:meth:`put` for a digest already computed with :meth:`signature`."""
         self._check_open()
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-        key = self.key(query)
+        key = f"{self._prefix}:{digest}"
         data = self._codec.encode(value)
         ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else None
         try:
             if self._max_size:
                 evicted = await self._put_bounded(
-                    keys=[key, self._index_key], args=[data, ttl_ms or 0, self._max_size]
+                    keys=[key, *self._index_keys], args=[data, ttl_ms or 0, self._max_size]
                 )
                 self._evictions += int(evicted)
             else:
@@ -194,7 +210,7 @@ class RedisExactCache(RedisBackend):
         self._check_open()
         await self._delete_matching(self._entry_pattern)
         try:
-            await self._redis.unlink(self._index_key)
+            await self._redis.unlink(*self._index_keys)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "clear") from exc
 

@@ -1,0 +1,1 @@
+"""Layer 2: single-flight coalescing, in one process and across a fleet."""

@@ -1,0 +1,305 @@
+"""``FleetCoalescer``: one provider call per key across every process sharing a Redis.
+
+Protocol, for one key (a query digest), after the local :class:`SingleFlight` has
+already reduced each process to one caller:
+
+1. ``TRY_LEASE`` (one round trip): ``SET lease token NX PX`` — if it succeeds this
+   process *leads*; otherwise it registers as a waiter (a marker key) and learns
+   the lease's remaining time.
+2. The leader runs ``compute()`` (rate limit, provider call, store in the cache)
+   while a renewer extends the lease every third of its life with a
+   compare-and-``PEXPIRE``; then ``RELEASE`` deletes the lease only if the token is
+   still its own and, if any waiter registered, ``PUBLISH``es the outcome.
+3. A waiter looks the cache up once (the answer may already be there), then waits
+   for the notification or for the lease's remaining life, whichever comes first
+   (one armed timer, no polling). ``stored`` -> read the cache; ``failed`` or lease
+   expiry (the leader died: no renewals) -> try to lead. After ``max_wait`` seconds
+   in all it calls ``compute()`` itself, so nobody waits forever.
+
+Notifications arrive on one pattern subscription per coalescer (per process),
+started on the first wait. Redis failures never fail a call: coordination is
+abandoned and ``compute()`` runs directly (the guard counts and logs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
+from aiocache_llm.core.validation import check_positive_number
+from aiocache_llm.gateway.guard import BackendGuard
+
+__all__ = ["FleetCoalescer"]
+
+logger = logging.getLogger("aiocache_llm.coalescing")
+
+T = TypeVar("T")
+
+TRY_LEASE = """
+-- Take the lease of a key, or register as one of its waiters.
+-- KEYS[1] lease key, KEYS[2] waiter marker key
+-- ARGV[1] holder token, ARGV[2] lease lifetime in ms
+-- returns -1 when the lease was taken by this call, else the lease's remaining ms
+-- (the waiter marker then lives as long as the lease plus one lifetime)
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return -1
+end
+local remaining = redis.call('PTTL', KEYS[1])
+if remaining < 0 then
+    remaining = 0
+end
+redis.call('SET', KEYS[2], '1', 'PX', remaining + tonumber(ARGV[2]))
+return remaining
+"""
+
+RENEW_LEASE = """
+-- Extend a lease this holder still owns.
+-- KEYS[1] lease key; ARGV[1] holder token, ARGV[2] lease lifetime in ms
+-- returns 1 when extended, 0 when the lease was lost (expired or taken over)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LEASE = """
+-- Release a lease (only if still owned) and wake the waiters of other processes.
+-- KEYS[1] lease key, KEYS[2] waiter marker key
+-- ARGV[1] holder token, ARGV[2] notification channel, ARGV[3] outcome: 'stored' | 'failed'
+-- returns 1 when the lease was still owned and is now released, else 0
+local owned = redis.call('GET', KEYS[1]) == ARGV[1]
+if owned then
+    redis.call('DEL', KEYS[1])
+end
+if redis.call('DEL', KEYS[2]) == 1 then
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+if owned then
+    return 1
+end
+return 0
+"""
+
+_STORED = b"stored"
+_FAILED = b"failed"
+_UNREACHABLE = object()
+
+
+class _Notifier:
+    """One pattern subscription per process, fanning lease notifications out to futures."""
+
+    def __init__(self, client: Redis, pattern: str) -> None:
+        self._client = client
+        self._pattern = pattern
+        self._waiters: dict[bytes, set[asyncio.Future[bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._pubsub: PubSub | None = None
+
+    async def start(self) -> None:
+        """Return once the subscription is confirmed by the server; restarts a dead reader."""
+        if self._reader is None or self._reader.done():
+            self._ready = asyncio.get_running_loop().create_future()
+            self._reader = asyncio.ensure_future(self._read())
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+
+    def watch(self, channel: bytes) -> asyncio.Future[bytes]:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, set()).add(future)
+        return future
+
+    def unwatch(self, channel: bytes, future: asyncio.Future[bytes]) -> None:
+        futures = self._waiters.get(channel)
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._waiters[channel]
+
+    async def _read(self) -> None:
+        ready = self._ready
+        assert ready is not None
+        pubsub = self._client.pubsub()
+        self._pubsub = pubsub
+        try:
+            await pubsub.psubscribe(self._pattern)
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is None:
+                    continue
+                if message["type"] == "psubscribe" and not ready.done():
+                    ready.set_result(None)
+                elif message["type"] == "pmessage":
+                    for future in self._waiters.pop(message["channel"], ()):
+                        if not future.done():
+                            future.set_result(message["data"])
+        except asyncio.CancelledError:
+            raise
+        except DRIVER_ERRORS as exc:
+            if not ready.done():
+                ready.set_exception(backend_error(exc, "subscribe"))
+            logger.debug("lease notification subscription lost: %s", type(exc).__name__)
+        finally:
+            self._pubsub = None
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._reader = None
+
+
+class FleetCoalescer:
+    """Coalesces a key's computation across processes through a lease in Redis.
+
+    ``lease_seconds`` is how long a silent (dead) leader blocks the others before one
+    takes over; a live leader renews it every third of that. ``max_wait_seconds``
+    bounds how long a waiter waits in all before computing by itself. Keys are
+    ``{key_prefix}:lease:{digest}`` (plus ``:w`` for the waiter marker) and the
+    notification channel ``{key_prefix}:lease-done:{digest}``.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        key_prefix: str,
+        *,
+        guard: BackendGuard | None = None,
+        lease_seconds: float = 10.0,
+        max_wait_seconds: float = 60.0,
+    ) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._guard = guard or BackendGuard(f"redis lease {key_prefix!r}")
+        lease = check_positive_number("lease_seconds", lease_seconds)
+        self._lease_ms = max(1, round(lease * 1000))
+        self._max_wait = check_positive_number("max_wait_seconds", max_wait_seconds)
+        self._try_lease = client.register_script(TRY_LEASE)
+        self._renew_lease = client.register_script(RENEW_LEASE)
+        self._release_lease = client.register_script(RELEASE_LEASE)
+        self._notifier = _Notifier(client, f"{key_prefix}:lease-done:*")
+        self.led = 0
+        """Computations this process ran as the fleet's leader."""
+        self.waited = 0
+        """Computations answered by another process's leader."""
+        self.took_over = 0
+        """Leads taken after a leader failed or died."""
+        self.gave_up = 0
+        """Waits that hit ``max_wait_seconds`` and computed without a lease."""
+
+    def __repr__(self) -> str:
+        return (
+            f"FleetCoalescer(key_prefix={self._prefix!r}, lease_ms={self._lease_ms}, "
+            f"led={self.led}, waited={self.waited}, took_over={self.took_over})"
+        )
+
+    async def run(
+        self,
+        digest: str,
+        lookup: Callable[[], Awaitable[T | None]],
+        compute: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Return the key's value: computed here as the leader, or found after another did.
+
+        ``lookup`` reads the shared cache (``None`` = not there); ``compute`` produces
+        and stores the value. Exceptions of ``compute`` propagate to this caller only;
+        other processes' waiters then try to lead themselves.
+        """
+        lease_key = f"{self._prefix}:lease:{digest}"
+        marker_key = f"{lease_key}:w"
+        channel = f"{self._prefix}:lease-done:{digest}".encode()
+        token = secrets.token_hex(16)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._max_wait
+        if await self._guard.call(self._notifier.start, _UNREACHABLE) is _UNREACHABLE:
+            return await compute()
+        tried = False
+        while True:
+            notified = self._notifier.watch(channel)
+            try:
+                remaining: Any = await self._guard.call(
+                    lambda: self._try_lease(
+                        keys=[lease_key, marker_key], args=[token, self._lease_ms]
+                    ),
+                    _UNREACHABLE,
+                )
+                if remaining is _UNREACHABLE:
+                    return await compute()
+                if remaining == -1:
+                    if tried:
+                        self.took_over += 1
+                    return await self._lead(lease_key, marker_key, channel, token, compute)
+                tried = True
+                found = await lookup()
+                if found is not None:
+                    self.waited += 1
+                    return found
+                budget = give_up_at - loop.time()
+                if budget <= 0:
+                    self.gave_up += 1
+                    logger.warning(
+                        "gave up waiting for the fleet leader after %.1f s", self._max_wait
+                    )
+                    return await compute()
+                # wake on the leader's notification or when its lease would run out
+                wait = min(budget, int(remaining) / 1000 + 0.05)
+                await asyncio.wait((notified,), timeout=wait)
+                if notified.done() and notified.result() == _STORED:
+                    found = await lookup()
+                    if found is not None:
+                        self.waited += 1
+                        return found
+            finally:
+                self._notifier.unwatch(channel, notified)
+                notified.cancel()
+
+    async def _lead(
+        self,
+        lease_key: str,
+        marker_key: str,
+        channel: bytes,
+        token: str,
+        compute: Callable[[], Awaitable[T]],
+    ) -> T:
+        self.led += 1
+        renewer = asyncio.ensure_future(self._keep_renewing(lease_key, token))
+        outcome = _FAILED
+        try:
+            result = await compute()
+            outcome = _STORED
+            return result
+        finally:
+            renewer.cancel()
+            await self._guard.call(
+                lambda: self._release_lease(
+                    keys=[lease_key, marker_key], args=[token, channel, outcome]
+                ),
+                None,
+            )
+
+    async def _keep_renewing(self, lease_key: str, token: str) -> None:
+        period = self._lease_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            renewed: Any = await self._guard.call(
+                lambda: self._renew_lease(keys=[lease_key], args=[token, self._lease_ms]),
+                None,
+            )
+            if renewed == 0:
+                logger.warning("fleet lease lost while computing; another process may compute too")
+                return
+
+    async def aclose(self) -> None:
+        """Stop the notification subscription."""
+        await self._notifier.aclose()

@@ -1,0 +1,1 @@
+"""Layer 3: ``InferenceGateway.resolve`` and the ``@cached_completion`` decorator."""

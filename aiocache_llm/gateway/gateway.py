@@ -1,0 +1,549 @@
+"""``InferenceGateway``: answer from a cache, call the provider only on a miss."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
+from aiocache_llm.backends.redis.exact_cache import RedisExactCache
+from aiocache_llm.coalescing.fleet import FleetCoalescer
+from aiocache_llm.coalescing.single_flight import SingleFlight
+from aiocache_llm.core.deadline import deadline
+from aiocache_llm.core.errors import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    ProviderTimeoutError,
+    RateLimitExceeded,
+)
+from aiocache_llm.core.lifecycle import AsyncResource
+from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.validation import (
+    check_callable,
+    check_id,
+    check_optional_positive_number,
+    check_positive_int,
+    check_positive_number,
+)
+from aiocache_llm.gateway.guard import BackendGuard
+from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
+from aiocache_llm.gateway.tokens import estimate_tokens as default_estimate_tokens
+from aiocache_llm.gateway.tokens import reported_tokens
+from aiocache_llm.protocols import AsyncExactCache, AsyncRateLimiter, AsyncSemanticCache
+
+__all__ = ["InferenceGateway", "WarmFailure", "WarmReport"]
+
+logger = logging.getLogger("aiocache_llm.gateway")
+
+ProviderCall = Callable[[], Awaitable[Any]]
+
+_UNAVAILABLE = object()
+# a coalesced caller refused by another user's budget retries this often, then leads alone
+_FOREIGN_REFUSAL_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class WarmFailure:
+    """One query :meth:`InferenceGateway.warm` could not answer, and why."""
+
+    query: Query
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class WarmReport:
+    """What :meth:`InferenceGateway.warm` did: answered, computed by the provider, failed."""
+
+    ok: int
+    computed: int
+    failed: tuple[WarmFailure, ...] = field(default=())
+
+
+def _provider_function(provider: Any) -> Callable[[Query], Awaitable[Any]] | None:
+    if provider is None:
+        return None
+    complete = getattr(provider, "complete", None)
+    if complete is not None and callable(complete):
+        return complete  # type: ignore[no-any-return]
+    if callable(provider):
+        return provider  # type: ignore[no-any-return]
+    raise InvalidInputTypeError(
+        "provider must be an async callable query -> answer, or have an async complete(query)"
+    )
+
+
+class InferenceGateway(AsyncResource):
+    """The one call an application makes: ``answer = await gateway.resolve(query)``.
+
+    Order of a resolve: exact cache -> (coalesced from here) semantic cache ->
+    rate limit -> provider -> store in both caches. Concurrent identical misses make
+    one provider call in this process (:class:`SingleFlight`) and, when the exact
+    cache is a :class:`RedisExactCache`, one across the fleet (a lease in Redis,
+    see :class:`FleetCoalescer`). Provider errors are never cached; they reach every
+    caller coalesced on the failed call.
+
+    A failing cache, limiter or lease backend never fails a resolve: each runs behind
+    a :class:`BackendGuard` (``backend_timeout`` per operation, a circuit breaker
+    that skips a dead backend for ``breaker_reset_after`` seconds after
+    ``breaker_threshold`` consecutive failures), is counted in ``backend_errors``
+    and logged once per state change, and the provider answers.
+
+    Rate limiting (with ``rate_limiter``) charges only provider calls, to the user of
+    the caller that makes the call: ``estimate_tokens(query)`` before, reconciled with
+    the usage the answer reports afterwards (refunded when the limiter has
+    ``refund``). ``rate_limit_timeout`` is how long a call may wait for budget (0 =
+    refuse at once with :class:`RateLimitExceeded`, None = wait as long as it takes).
+    ``on_limiter_error`` says what to do when the limiter itself is unreachable:
+    ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed).
+
+    With no cache given, a private :class:`MemoryExactCache` is used (closed with
+    the gateway); caches passed in belong to the caller and are not closed.
+    """
+
+    def __init__(
+        self,
+        provider: Any,
+        exact_cache: AsyncExactCache | None = None,
+        semantic_cache: AsyncSemanticCache | None = None,
+        rate_limiter: AsyncRateLimiter | None = None,
+        *,
+        ttl_seconds: float | None = None,
+        provider_timeout: float | None = None,
+        backend_timeout: float = 0.5,
+        semantic_timeout: float = 5.0,
+        breaker_threshold: int = 3,
+        breaker_reset_after: float = 5.0,
+        estimate_tokens: Callable[[Query], int] = default_estimate_tokens,
+        rate_limit_timeout: float | None = 0.0,
+        on_limiter_error: Literal["allow", "deny"] = "allow",
+        promote_semantic_hits: bool = True,
+        fleet_coalescing: bool = True,
+        lease_seconds: float = 10.0,
+        fleet_max_wait: float = 60.0,
+        normalize: Normalizer | None = None,
+        anonymous_user: str = "anonymous",
+    ) -> None:
+        self._provider = _provider_function(provider)
+        self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        self._provider_timeout = check_optional_positive_number(
+            "provider_timeout", provider_timeout
+        )
+        backend_timeout = check_positive_number("backend_timeout", backend_timeout)
+        semantic_timeout = check_positive_number("semantic_timeout", semantic_timeout)
+        check_positive_int("breaker_threshold", breaker_threshold)
+        check_positive_number("breaker_reset_after", breaker_reset_after)
+        self._estimate_tokens = check_callable("estimate_tokens", estimate_tokens)
+        if rate_limit_timeout is not None and rate_limit_timeout != 0:
+            check_positive_number("rate_limit_timeout", rate_limit_timeout)
+        self._rate_limit_timeout = rate_limit_timeout
+        if on_limiter_error not in ("allow", "deny"):
+            raise InvalidInputError(
+                f"on_limiter_error must be 'allow' or 'deny', got {on_limiter_error!r}"
+            )
+        self._deny_when_limiter_down = on_limiter_error == "deny"
+        self._promote = bool(promote_semantic_hits)
+        self._anonymous = check_id("anonymous_user", anonymous_user)
+
+        for name, value, protocol in (
+            ("exact_cache", exact_cache, AsyncExactCache),
+            ("semantic_cache", semantic_cache, AsyncSemanticCache),
+            ("rate_limiter", rate_limiter, AsyncRateLimiter),
+        ):
+            if value is not None and not isinstance(value, protocol):
+                raise InvalidInputTypeError(
+                    f"{name} must implement {protocol.__name__}, got {type(value).__name__}"
+                )
+
+        def guard(name: str, timeout: float | None) -> BackendGuard:
+            return BackendGuard(
+                name,
+                timeout=timeout,
+                failure_threshold=breaker_threshold,
+                reset_after=breaker_reset_after,
+            )
+
+        self._owns_exact = exact_cache is None
+        self._exact: AsyncExactCache = exact_cache or MemoryExactCache()
+        # our own caches take a digest computed once; others are keyed by the query
+        self._by_signature = isinstance(self._exact, (MemoryExactCache, RedisExactCache))
+        if isinstance(self._exact, (MemoryExactCache, RedisExactCache)):
+            self._signature: Callable[[Query], str] = self._exact.signature
+        else:
+            self._signature = QueryKeys(normalize).digest
+        # the memory cache does no I/O: no deadline, no breaker on the hottest path
+        self._exact_guard = (
+            None
+            if isinstance(self._exact, MemoryExactCache)
+            else guard("exact cache", backend_timeout)
+        )
+        self._semantic = semantic_cache
+        self._semantic_guard = guard("semantic cache", semantic_timeout)
+        self._limiter = rate_limiter
+        limiter_timeout: float | None = backend_timeout
+        if rate_limit_timeout is None:
+            limiter_timeout = None
+        elif rate_limit_timeout:
+            limiter_timeout = rate_limit_timeout + backend_timeout
+        self._limiter_guard = guard("rate limiter", limiter_timeout)
+        self._fleet: FleetCoalescer | None = None
+        if fleet_coalescing and isinstance(self._exact, RedisExactCache):
+            assert self._exact_guard is not None
+            self._fleet = FleetCoalescer(
+                self._exact.client,
+                self._exact.key_prefix,
+                guard=self._exact_guard,
+                lease_seconds=lease_seconds,
+                max_wait_seconds=fleet_max_wait,
+            )
+        self._flight: SingleFlight[Any] = SingleFlight()
+        self._latency = LatencyWindow()
+        self._requests = 0
+        self._exact_hits = 0
+        self._semantic_hits = 0
+        self._misses = 0
+        self._coalesced = 0
+        self._provider_calls = 0
+        self._provider_errors = 0
+        self._rate_limited = 0
+
+    def __repr__(self) -> str:
+        parts = [f"exact={self._exact!r}"]
+        if self._semantic is not None:
+            parts.append(f"semantic={self._semantic!r}")
+        if self._limiter is not None:
+            parts.append(f"limiter={self._limiter!r}")
+        parts.append(f"fleet={'on' if self._fleet else 'off'}")
+        parts.append(f"requests={self._requests}, provider_calls={self._provider_calls}")
+        return f"InferenceGateway({', '.join(parts)})"
+
+    async def resolve(
+        self,
+        query: Query,
+        user_id: str | None = None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+        ttl_seconds: float | None = None,
+    ) -> Any:
+        """Return the answer to ``query``, from a cache or, on a miss, from the provider.
+
+        ``user_id`` selects the rate-limit budget (None = ``anonymous_user``).
+        Cache control for this request: ``no_cache`` skips both cache reads (a fresh
+        answer, still stored unless ``no_store``), ``no_store`` keeps the answer out
+        of the caches, ``ttl_seconds`` overrides the stored entries' lifetime.
+
+        Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad
+        query or argument (before any I/O), :class:`RateLimitExceeded` when the
+        user's budget refuses, :class:`ProviderTimeoutError` past ``provider_timeout``,
+        and whatever the provider raised. Cancelling a caller never cancels the
+        provider call other callers wait for.
+        """
+        provider = self._provider
+        if provider is None:
+            raise InvalidInputTypeError(
+                "this gateway has no provider: use resolve_with(query, call)"
+            )
+        return await self.resolve_with(
+            query,
+            lambda: provider(query),
+            user_id,
+            no_cache=no_cache,
+            no_store=no_store,
+            ttl_seconds=ttl_seconds,
+        )
+
+    async def resolve_with(
+        self,
+        query: Query,
+        call: ProviderCall,
+        user_id: str | None = None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+        ttl_seconds: float | None = None,
+    ) -> Any:
+        """:meth:`resolve`, calling ``call()`` instead of the provider on a miss.
+
+        ``query`` is only the key: ``call`` must produce its answer. This is what
+        ``@cached_completion`` runs on; use it for a per-request provider.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        self._requests += 1
+        try:
+            digest = self._signature(query)
+            ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
+            user = self._anonymous if user_id is None else check_id("user_id", user_id)
+            if not no_cache:
+                value = await self._exact_get(query, digest)
+                if value is not None:
+                    self._exact_hits += 1
+                    return value
+            return await self._coalesced_fill(query, digest, call, user, no_cache, no_store, ttl)
+        finally:
+            self._latency.add(time.perf_counter() - started)
+
+    async def _coalesced_fill(
+        self,
+        query: Query,
+        digest: str,
+        call: ProviderCall,
+        user: str,
+        no_cache: bool,
+        no_store: bool,
+        ttl: float | None,
+    ) -> Any:
+        flight_key = (digest, no_cache, no_store)
+        for _ in range(_FOREIGN_REFUSAL_RETRIES):
+            led = False
+
+            async def fill() -> Any:
+                nonlocal led
+                led = True
+                return await self._fill(query, digest, call, user, no_cache, no_store, ttl)
+
+            try:
+                value = await self._flight.run(flight_key, fill)
+            except RateLimitExceeded as exc:
+                # the call we joined was refused by its leader's budget, not ours
+                if led or exc.user_id == user:
+                    raise
+                continue
+            if not led:
+                self._coalesced += 1
+            return value
+        return await self._fill(query, digest, call, user, no_cache, no_store, ttl)
+
+    async def _fill(
+        self,
+        query: Query,
+        digest: str,
+        call: ProviderCall,
+        user: str,
+        no_cache: bool,
+        no_store: bool,
+        ttl: float | None,
+    ) -> Any:
+        semantic = self._semantic
+        if semantic is not None and not no_cache:
+            value = await self._semantic_guard.call(lambda: semantic.get(query), None)
+            if value is not None:
+                self._semantic_hits += 1
+                if self._promote and not no_store:
+                    await self._exact_put(query, digest, value, ttl)
+                return value
+        self._misses += 1
+
+        async def compute() -> Any:
+            return await self._call_and_store(query, digest, call, user, no_store, ttl)
+
+        if self._fleet is not None and not no_cache and not no_store:
+            return await self._fleet.run(digest, lambda: self._exact_get(query, digest), compute)
+        return await compute()
+
+    async def _call_and_store(
+        self,
+        query: Query,
+        digest: str,
+        call: ProviderCall,
+        user: str,
+        no_store: bool,
+        ttl: float | None,
+    ) -> Any:
+        reserved = await self._admit(query, user)
+        self._provider_calls += 1
+        try:
+            value = await self._invoke(call)
+        except asyncio.CancelledError:
+            await self._refund(user, reserved)
+            raise
+        except BaseException:
+            self._provider_errors += 1
+            await self._refund(user, reserved)
+            raise
+        await self._reconcile(user, reserved, value)
+        if not no_store and value is not None:
+            await self._exact_put(query, digest, value, ttl)
+            semantic = self._semantic
+            if semantic is not None:
+                await self._semantic_guard.call(
+                    lambda: semantic.put(query, value, ttl_seconds=ttl), None
+                )
+        return value
+
+    async def _invoke(self, call: ProviderCall) -> Any:
+        pending = call()
+        if not inspect.isawaitable(pending):
+            raise InvalidInputTypeError(
+                "the provider must be async: it returned "
+                f"{type(pending).__name__}, not an awaitable"
+            )
+        if self._provider_timeout is None:
+            return await pending
+        try:
+            async with deadline(self._provider_timeout):
+                return await pending
+        except TimeoutError as exc:
+            raise ProviderTimeoutError(
+                f"the provider did not answer within {self._provider_timeout} s"
+            ) from exc
+
+    # -- cache access: every failure is absorbed by a guard --------------------------
+
+    async def _exact_get(self, query: Query, digest: str) -> Any:
+        exact = self._exact
+        if self._exact_guard is None:
+            return await exact.get_by_signature(digest)  # type: ignore[attr-defined]
+        if self._by_signature:
+            return await self._exact_guard.call(
+                lambda: exact.get_by_signature(digest),  # type: ignore[attr-defined]
+                None,
+            )
+        return await self._exact_guard.call(lambda: exact.get(query), None)
+
+    async def _exact_put(self, query: Query, digest: str, value: Any, ttl: float | None) -> None:
+        exact = self._exact
+
+        async def put() -> None:
+            if self._by_signature:
+                await exact.put_by_signature(digest, value, ttl_seconds=ttl)  # type: ignore[attr-defined]
+            else:
+                await exact.put(query, value, ttl_seconds=ttl)
+
+        if self._exact_guard is not None:
+            await self._exact_guard.call(put, None)
+            return
+        try:
+            await put()
+        except (InvalidInputError, InvalidInputTypeError) as exc:
+            # an answer the cache cannot hold is still an answer: serve it, uncached
+            logger.warning("exact cache refused an answer: %s", type(exc).__name__)
+
+    # -- rate limiting ---------------------------------------------------------------
+
+    async def _admit(self, query: Query, user: str) -> int:
+        """Reserve the estimated tokens of ``query`` for ``user``; return them (0 = none)."""
+        limiter = self._limiter
+        if limiter is None:
+            return 0
+        tokens = self._estimate_tokens(query)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise InvalidInputError(f"estimate_tokens must return an int > 0, got {tokens!r}")
+        timeout = self._rate_limit_timeout
+
+        async def consume() -> bool:
+            if timeout == 0:
+                return await limiter.check_and_consume(user, tokens)
+            await limiter.acquire(user, tokens, timeout=timeout)
+            return True
+
+        try:
+            granted = await self._limiter_guard.call(consume, _UNAVAILABLE)
+        except RateLimitExceeded as exc:
+            self._rate_limited += 1
+            raise RateLimitExceeded(str(exc), retry_after=exc.retry_after, user_id=user) from exc
+        if granted is _UNAVAILABLE:
+            if self._deny_when_limiter_down:
+                self._rate_limited += 1
+                raise RateLimitExceeded(
+                    "the rate limiter is unavailable and on_limiter_error='deny'",
+                    retry_after=None,
+                    user_id=user,
+                )
+            return 0
+        if not granted:
+            self._rate_limited += 1
+            raise RateLimitExceeded(
+                f"user {user!r} is over the token budget ({tokens} tokens requested)",
+                retry_after=None,
+                user_id=user,
+            )
+        return tokens
+
+    async def _reconcile(self, user: str, reserved: int, answer: Any) -> None:
+        limiter = self._limiter
+        used = reported_tokens(answer)
+        if limiter is None or not reserved or used is None or used == reserved:
+            return
+        if used > reserved:
+            extra = used - reserved
+            await self._limiter_guard.call(lambda: limiter.check_and_consume(user, extra), None)
+        else:
+            await self._refund(user, reserved - used)
+
+    async def _refund(self, user: str, tokens: int) -> None:
+        refund = getattr(self._limiter, "refund", None)
+        if tokens and refund is not None:
+            await self._limiter_guard.call(lambda: refund(user, tokens), None)
+
+    # -- warm-up, stats, lifecycle ---------------------------------------------------
+
+    async def warm(
+        self, queries: Iterable[Query], *, concurrency: int = 8, user_id: str | None = None
+    ) -> WarmReport:
+        """Resolve every query (provider only on a miss), ``concurrency`` at a time.
+
+        Never stops on a failure: each failed query and its exception is reported.
+        Memory use is O(concurrency + failures), whatever the number of queries.
+        """
+        self._check_open()
+        check_positive_int("concurrency", concurrency)
+        pending = iter(queries)
+        failures: list[WarmFailure] = []
+        answered = 0
+        calls_before = self._provider_calls
+
+        async def worker() -> None:
+            nonlocal answered
+            for query in pending:
+                try:
+                    await self.resolve(query, user_id)
+                except Exception as exc:
+                    failures.append(WarmFailure(query, exc))
+                else:
+                    answered += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return WarmReport(
+            ok=answered, computed=self._provider_calls - calls_before, failed=tuple(failures)
+        )
+
+    @property
+    def exact_cache(self) -> AsyncExactCache:
+        """The exact cache this gateway reads and fills."""
+        return self._exact
+
+    def stats(self) -> GatewayStats:
+        """Return a frozen snapshot of this gateway's counters and latency percentiles."""
+        guards = [self._semantic_guard, self._limiter_guard]
+        if self._exact_guard is not None:
+            guards.append(self._exact_guard)
+        p50, p90, p99 = self._latency.percentiles_ms(0.5, 0.9, 0.99)
+        return GatewayStats(
+            requests=self._requests,
+            exact_hits=self._exact_hits,
+            semantic_hits=self._semantic_hits,
+            misses=self._misses,
+            coalesced=self._coalesced,
+            fleet_hits=self._fleet.waited if self._fleet is not None else 0,
+            provider_calls=self._provider_calls,
+            provider_errors=self._provider_errors,
+            rate_limited=self._rate_limited,
+            backend_errors=sum(g.errors for g in guards),
+            backend_skipped=sum(g.skipped for g in guards),
+            in_flight=len(self._flight),
+            latency_p50_ms=p50,
+            latency_p90_ms=p90,
+            latency_p99_ms=p99,
+        )
+
+    async def _release(self) -> None:
+        if self._fleet is not None:
+            await self._fleet.aclose()
+        if self._owns_exact:
+            await self._exact.aclose()

@@ -1,0 +1,66 @@
+"""The gateway's counters and latency percentiles, reported as a frozen :class:`GatewayStats`."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["GatewayStats", "LatencyWindow"]
+
+
+class GatewayStats(BaseModel):
+    """A frozen snapshot of an :class:`InferenceGateway`'s counters (this process).
+
+    Every resolve ends as exactly one of ``exact_hits``, ``semantic_hits``,
+    ``coalesced`` (it joined a call another caller of this process started),
+    ``fleet_hits`` (another process computed it), ``provider_calls`` made for it, or
+    an error. Latencies are over the last ``latency_window`` resolves, in ms.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    misses: int = 0
+    """Resolves that found nothing in either cache (then coalesced or called)."""
+    coalesced: int = 0
+    fleet_hits: int = 0
+    provider_calls: int = 0
+    provider_errors: int = 0
+    rate_limited: int = 0
+    backend_errors: int = 0
+    """Cache, limiter or lease operations that failed or timed out (answered anyway)."""
+    backend_skipped: int = 0
+    """Backend operations not attempted because a circuit breaker was open."""
+    in_flight: int = 0
+    latency_p50_ms: float = 0.0
+    latency_p90_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of requests answered from a cache (exact or semantic), in [0, 1]."""
+        hits = self.exact_hits + self.semantic_hits
+        return hits / self.requests if self.requests else 0.0
+
+
+class LatencyWindow:
+    """The last ``size`` durations; percentiles computed on demand in O(size log size)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, size: int = 4096) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def percentiles_ms(self, *quantiles: float) -> tuple[float, ...]:
+        """Nearest-rank percentiles (``quantiles`` in [0, 1]) in ms; zeros when empty."""
+        if not self._samples:
+            return tuple(0.0 for _ in quantiles)
+        ordered = sorted(self._samples)
+        last = len(ordered) - 1
+        return tuple(ordered[min(last, round(q * last))] * 1000 for q in quantiles)
