@@ -99,10 +99,10 @@ class ValueCodec:
     def encode(self, value: object) -> bytes:
         """Return the stored form of ``value``; O(size of value).
 
-        Raises :class:`InvalidInputTypeError` for a type that cannot be cached,
-        :class:`InvalidInputError` for a value that would not come back equal (NaN,
-        tuples, non-``str`` keys, lone surrogates) and :class:`ValueTooLargeError`
-        beyond ``max_value_bytes``.
+        Raises :class:`InvalidInputTypeError` for a type that cannot be cached (or
+        non-``str`` keys inside it), :class:`InvalidInputError` for a value that would
+        not come back equal (NaN, tuples, lone surrogates) and
+        :class:`ValueTooLargeError` beyond ``max_value_bytes``.
         """
         kind = type(value)
         if kind is str:

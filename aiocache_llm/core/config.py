@@ -6,6 +6,7 @@ setting fails where it is written, not at first use.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
@@ -65,12 +66,17 @@ class ChatMemoryConfig:
         if ttl is not None and ttl < 0.001:
             raise InvalidInputError(f"ttl_seconds must be >= 0.001 or None, got {self.ttl_seconds}")
         object.__setattr__(self, "ttl_seconds", ttl)
-        roles: object = self.roles
-        if isinstance(roles, str) or not all(isinstance(r, str) and r for r in self.roles):
+        given: object = self.roles
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+            raise InvalidInputTypeError(
+                f"roles must be a collection of str, got {type(given).__name__}"
+            )
+        roles = frozenset(given)  # once: a generator can be iterated only once
+        if not all(isinstance(role, str) and role for role in roles):
             raise InvalidInputTypeError("roles must be a collection of non-empty str")
-        if not self.roles:
+        if not roles:
             raise InvalidInputError("roles must not be empty")
-        object.__setattr__(self, "roles", frozenset(self.roles))
+        object.__setattr__(self, "roles", roles)
 
     @property
     def max_messages(self) -> int:

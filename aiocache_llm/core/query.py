@@ -14,6 +14,7 @@ values (an absent parameter and ``None`` both mean "provider default"). A cache'
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -122,6 +123,10 @@ def _reject_non_finite(obj: object, path: str) -> None:
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise InvalidInputError(f"{path} contains a non-finite float ({obj})")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        # orjson serializes dataclass instances field by field, NaN as null too
+        for item in dataclasses.fields(obj):
+            _reject_non_finite(getattr(obj, item.name), f"{path}.{item.name}")
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             _reject_non_finite(value, f"{path}[{key!r}]")
@@ -167,8 +172,9 @@ class QueryKeys:
 
         ``text`` is the content of the last user message (text parts joined by
         newlines when the content is a list of parts). ``scope`` is the digest of
-        everything else (model, system prompt, earlier turns, parameters), which a
-        paraphrase must match exactly. ``digest`` is the exact key of the whole query.
+        everything else (model, system prompt, earlier turns, parameters, and the
+        non-text parts of the last message such as images), which a paraphrase must
+        match exactly. ``digest`` is the exact key of the whole query.
         Raises :class:`InvalidInputError` when there is no non-empty user message.
         """
         request = self.request(query)
@@ -185,9 +191,25 @@ class QueryKeys:
         if not text.strip():
             raise InvalidInputError("the last user message of a semantic query has no text")
         scoped_messages = list(messages)
-        scoped_messages[index] = {**message, "content": _SCOPE_MARKER}
+        scoped_messages[index] = {**message, "content": _scoped_content(message.get("content"))}
         scope = _hexdigest(canonical_json({**request, "messages": scoped_messages}))
         return scope, text, _hexdigest(canonical_json(request))
+
+
+def _scoped_content(content: object) -> object:
+    """The content with its text replaced by a marker; images, audio and files stay.
+
+    Only the text is compared by similarity: two questions about different images
+    must never share a scope.
+    """
+    if isinstance(content, list):
+        return [
+            {**part, "text": _SCOPE_MARKER}
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+            else part
+            for part in content
+        ]
+    return _SCOPE_MARKER
 
 
 def _message_text(content: object) -> str:

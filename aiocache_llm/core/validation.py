@@ -86,11 +86,20 @@ def check_similarity(name: str, value: object) -> float:
 
 
 def check_id(name: str, value: object) -> str:
-    """Return an identifier (user id, conversation id): a non-empty ``str``."""
+    """Return an identifier (user id, conversation id, prefix): a non-empty ``str``.
+
+    Lone surrogates are refused: no backend could store such a key, and the memory
+    and Redis twins must answer the same call the same way.
+    """
     if type(value) is not str:
         raise InvalidInputTypeError(f"{name} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidInputError(f"{name} must not be empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{name} is not valid Unicode text: {exc}") from exc
     return value
 
 

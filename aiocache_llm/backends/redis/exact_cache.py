@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
+from aiocache_llm.backends.redis.read_batcher import ReadBatcher
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
 from aiocache_llm.core.errors import CorruptEntryError
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
@@ -62,7 +63,9 @@ class RedisExactCache(RedisBackend):
 
     Answers every call like :class:`MemoryExactCache` (drop-in), with the entries in
     Redis under ``{key_prefix}:{signature}``. Each ``get``/``put``/``invalidate`` is
-    one round trip and atomic on the server. Values are ``SET`` with ``PX`` expiry
+    one round trip and atomic on the server; concurrent ``get``s of an unbounded
+    cache share round trips (one ``MGET`` per batch, see :class:`ReadBatcher`), while
+    a lone ``get`` is sent at once. Values are ``SET`` with ``PX`` expiry
     (``ttl_seconds`` default, overridden per put; None = never).
 
     ``max_size=None`` (or 0) leaves the size unbounded: Redis's own ``maxmemory``
@@ -100,6 +103,7 @@ class RedisExactCache(RedisBackend):
         self._index_keys = (self._index_key, f"{self._index_key}:tick")
         # entry keys end in a 64-character digest; other keys under the prefix do not
         self._entry_pattern = f"{self._prefix}:" + "?" * 64
+        self._reads = ReadBatcher(self._redis)
         self._get_and_touch = self._redis.register_script(GET_AND_TOUCH)
         self._put_bounded = self._redis.register_script(PUT_BOUNDED)
         self._hits = 0
@@ -139,7 +143,7 @@ class RedisExactCache(RedisBackend):
             if self._max_size:
                 data = await self._get_and_touch(keys=[key, *self._index_keys])
             else:
-                data = await self._redis.get(key)
+                data = await self._reads.get(key)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "get") from exc
         return self._decode(data)
