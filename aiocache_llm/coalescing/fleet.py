@@ -6,7 +6,9 @@ already reduced each process to one caller:
 1. ``TRY_LEASE`` (one round trip): ``SET lease token NX PX`` — if it succeeds this
    process *leads*; otherwise it registers as a waiter (a marker key) and learns
    the lease's remaining time.
-2. The leader runs ``compute()`` (rate limit, provider call, store in the cache)
+2. The leader reads the cache once more (a previous leader may have stored and
+   released between our miss and our lease), then runs ``compute()`` (rate limit,
+   provider call, store in the cache)
    while a renewer extends the lease every third of its life with a
    compare-and-``PEXPIRE``; then ``RELEASE`` deletes the lease only if the token is
    still its own and, if any waiter registered, ``PUBLISH``es the outcome.
@@ -239,7 +241,7 @@ class FleetCoalescer:
                 if remaining == -1:
                     if tried:
                         self.took_over += 1
-                    return await self._lead(lease_key, marker_key, channel, token, compute)
+                    return await self._lead(lease_key, marker_key, channel, token, lookup, compute)
                 tried = True
                 found = await lookup()
                 if found is not None:
@@ -270,12 +272,19 @@ class FleetCoalescer:
         marker_key: str,
         channel: bytes,
         token: str,
+        lookup: Callable[[], Awaitable[T | None]],
         compute: Callable[[], Awaitable[T]],
     ) -> T:
-        self.led += 1
         renewer = asyncio.ensure_future(self._keep_renewing(lease_key, token))
         outcome = _FAILED
         try:
+            # the previous leader may have stored and released just before we won
+            found = await lookup()
+            if found is not None:
+                outcome = _STORED
+                self.waited += 1
+                return found
+            self.led += 1
             result = await compute()
             outcome = _STORED
             return result

@@ -35,7 +35,7 @@ from aiocache_llm.core.query import canonical_json
 from aiocache_llm.core.validation import check_size_limit
 from aiocache_llm.core.values import LLMResponse
 
-__all__ = ["DEFAULT_MAX_VALUE_BYTES", "ValueCodec"]
+__all__ = ["DEFAULT_MAX_VALUE_BYTES", "IMMUTABLE_VALUE_TYPES", "ValueCodec"]
 
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 """Largest encoded value a cache accepts unless told otherwise (16 MiB)."""
@@ -47,6 +47,9 @@ _MODEL = _MAGIC + b"m"
 _HEADER_LEN = len(_STR)
 # None is not among them: a cache answers None for a miss
 _JSON_TYPES = frozenset({dict, list, int, float, bool})
+
+IMMUTABLE_VALUE_TYPES = frozenset({str, int, float, bool})
+"""Value types an in-process cache may hand out as-is: nobody can change them."""
 
 
 def _type_name(cls: type[BaseModel]) -> str:
@@ -155,7 +158,7 @@ class ValueCodec:
         header = data[:_HEADER_LEN]
         try:
             if header == _STR:
-                return str(memoryview(data)[_HEADER_LEN:], "utf-8")
+                return data[_HEADER_LEN:].decode("utf-8")
             if header == _JSON:
                 value = orjson.loads(memoryview(data)[_HEADER_LEN:])
                 if type(value) in _JSON_TYPES:

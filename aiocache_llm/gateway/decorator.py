@@ -5,16 +5,37 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from aiocache_llm.core.errors import InvalidInputTypeError
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.protocols import AsyncExactCache
 
-__all__ = ["cached_completion"]
+__all__ = ["CachedFunction", "cached_completion"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class CachedFunction(Protocol[P, R_co]):
+    """What ``@cached_completion`` returns: call it like the function it wraps."""
+
+    gateway: InferenceGateway
+    """The gateway the calls run through (its ``stats()`` tell hits and calls)."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """Drop the entry of these arguments; return whether there was one."""
+        ...
+
+    def cache_query(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The query these arguments are cached under."""
+        ...
+
+    def __get__(self, instance: Any, owner: Any) -> Any: ...
+
 
 _INSTANCE_PARAMETERS = frozenset({"self", "cls"})
 
@@ -25,7 +46,7 @@ def cached_completion(
     ttl_seconds: float | None = None,
     key: Callable[..., Any] | None = None,
     **gateway_options: Any,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
     """Cache an ``async def`` by its arguments, with the gateway's coalescing.
 
     The key is the function's qualified name plus its bound arguments with defaults
@@ -49,7 +70,7 @@ def cached_completion(
     if key is not None and not callable(key):
         raise InvalidInputTypeError(f"key must be callable, got {type(key).__name__}")
 
-    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def decorate(fn: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
         if not inspect.iscoroutinefunction(fn):
             raise InvalidInputTypeError(
                 f"@cached_completion needs an async def function, got {fn!r}"
@@ -85,6 +106,33 @@ def cached_completion(
         wrapper.gateway = gateway  # type: ignore[attr-defined]
         wrapper.cache_query = cache_query  # type: ignore[attr-defined]
         wrapper.invalidate = invalidate  # type: ignore[attr-defined]
-        return wrapper
+        if skip is None:
+            return wrapper  # type: ignore[return-value]
+        return _CachedMethod(wrapper)  # type: ignore[return-value]
 
     return decorate
+
+
+class _CachedMethod:
+    """Binds a cached method's ``invalidate`` and ``cache_query`` to the instance too.
+
+    A plain function attribute would stay unbound on ``obj.method.invalidate``; this
+    descriptor returns, per access, a ``functools.partial`` of the wrapper (still a
+    coroutine function to ``inspect``) carrying bound helpers.
+    """
+
+    def __init__(self, wrapper: Any) -> None:
+        self._wrapper = wrapper
+        functools.update_wrapper(self, wrapper)
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        if instance is None:
+            return self._wrapper
+        bound: Any = functools.partial(self._wrapper, instance)
+        bound.invalidate = functools.partial(self._wrapper.invalidate, instance)
+        bound.cache_query = functools.partial(self._wrapper.cache_query, instance)
+        bound.gateway = self._wrapper.gateway
+        return bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)

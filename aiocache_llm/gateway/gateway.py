@@ -168,7 +168,7 @@ class InferenceGateway(AsyncResource):
             )
 
         self._owns_exact = exact_cache is None
-        self._exact: AsyncExactCache = exact_cache or MemoryExactCache()
+        self._exact: AsyncExactCache = MemoryExactCache() if exact_cache is None else exact_cache
         # our own caches take a digest computed once; others are keyed by the query
         self._by_signature = isinstance(self._exact, (MemoryExactCache, RedisExactCache))
         if isinstance(self._exact, (MemoryExactCache, RedisExactCache)):
@@ -274,17 +274,21 @@ class InferenceGateway(AsyncResource):
         """
         self._check_open()
         started = time.perf_counter()
+        digest = self._signature(query)
+        ttl = self._ttl
+        if ttl_seconds is not None:
+            ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        user = self._anonymous if user_id is None else check_id("user_id", user_id)
         self._requests += 1
         try:
-            digest = self._signature(query)
-            ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-            user = self._anonymous if user_id is None else check_id("user_id", user_id)
+            read = False
             if not no_cache:
-                value = await self._exact_get(query, digest)
-                if value is not None:
+                value = await self._exact_get(query, digest, _UNAVAILABLE)
+                if value is not None and value is not _UNAVAILABLE:
                     self._exact_hits += 1
                     return value
-            return await self._coalesced_fill(query, digest, call, user, no_cache, no_store, ttl)
+                read = value is None
+            return await self._coalesced_fill(query, digest, call, user, no_store, ttl, read)
         finally:
             self._latency.add(time.perf_counter() - started)
 
@@ -294,10 +298,12 @@ class InferenceGateway(AsyncResource):
         digest: str,
         call: ProviderCall,
         user: str,
-        no_cache: bool,
         no_store: bool,
         ttl: float | None,
+        read: bool,
     ) -> Any:
+        """``read``: the exact cache answered (a miss); False if skipped or unreachable."""
+        no_cache = not read
         flight_key = (digest, no_cache, no_store)
         for _ in range(_FOREIGN_REFUSAL_RETRIES):
             led = False
@@ -305,7 +311,7 @@ class InferenceGateway(AsyncResource):
             async def fill() -> Any:
                 nonlocal led
                 led = True
-                return await self._fill(query, digest, call, user, no_cache, no_store, ttl)
+                return await self._fill(query, digest, call, user, no_store, ttl, read)
 
             try:
                 value = await self._flight.run(flight_key, fill)
@@ -317,7 +323,7 @@ class InferenceGateway(AsyncResource):
             if not led:
                 self._coalesced += 1
             return value
-        return await self._fill(query, digest, call, user, no_cache, no_store, ttl)
+        return await self._fill(query, digest, call, user, no_store, ttl, read)
 
     async def _fill(
         self,
@@ -325,25 +331,31 @@ class InferenceGateway(AsyncResource):
         digest: str,
         call: ProviderCall,
         user: str,
-        no_cache: bool,
         no_store: bool,
         ttl: float | None,
+        read: bool,
     ) -> Any:
         semantic = self._semantic
-        if semantic is not None and not no_cache:
+        if semantic is not None and read:
             value = await self._semantic_guard.call(lambda: semantic.get(query), None)
             if value is not None:
                 self._semantic_hits += 1
                 if self._promote and not no_store:
                     await self._exact_put(query, digest, value, ttl)
                 return value
-        self._misses += 1
 
         async def compute() -> Any:
+            self._misses += 1
             return await self._call_and_store(query, digest, call, user, no_store, ttl)
 
-        if self._fleet is not None and not no_cache and not no_store:
+        if self._fleet is not None and read and not no_store:
             return await self._fleet.run(digest, lambda: self._exact_get(query, digest), compute)
+        if read:
+            # a flight for this key may have stored its answer between our miss and now
+            value = await self._exact_get(query, digest)
+            if value is not None:
+                self._exact_hits += 1
+                return value
         return await compute()
 
     async def _call_and_store(
@@ -395,16 +407,17 @@ class InferenceGateway(AsyncResource):
 
     # -- cache access: every failure is absorbed by a guard --------------------------
 
-    async def _exact_get(self, query: Query, digest: str) -> Any:
+    async def _exact_get(self, query: Query, digest: str, unavailable: Any = None) -> Any:
+        """The exact cache's value, None on a miss, ``unavailable`` if it could not answer."""
         exact = self._exact
         if self._exact_guard is None:
             return await exact.get_by_signature(digest)  # type: ignore[attr-defined]
         if self._by_signature:
             return await self._exact_guard.call(
                 lambda: exact.get_by_signature(digest),  # type: ignore[attr-defined]
-                None,
+                unavailable,
             )
-        return await self._exact_guard.call(lambda: exact.get(query), None)
+        return await self._exact_guard.call(lambda: exact.get(query), unavailable)
 
     async def _exact_put(self, query: Query, digest: str, value: Any, ttl: float | None) -> None:
         exact = self._exact

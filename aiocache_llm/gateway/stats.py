@@ -12,10 +12,11 @@ __all__ = ["GatewayStats", "LatencyWindow"]
 class GatewayStats(BaseModel):
     """A frozen snapshot of an :class:`InferenceGateway`'s counters (this process).
 
-    Every resolve ends as exactly one of ``exact_hits``, ``semantic_hits``,
-    ``coalesced`` (it joined a call another caller of this process started),
-    ``fleet_hits`` (another process computed it), ``provider_calls`` made for it, or
-    an error. Latencies are over the last ``latency_window`` resolves, in ms.
+    Every valid resolve is counted in ``requests`` and ends as exactly one of
+    ``exact_hits``, ``semantic_hits``, ``coalesced`` (it joined a call another caller
+    of this process started), ``fleet_hits`` (another process computed it) or
+    ``misses`` (this caller went to the provider: a provider call, a rate-limit
+    refusal, or an error). Latencies are over the last 4096 resolves, in ms.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -24,7 +25,7 @@ class GatewayStats(BaseModel):
     exact_hits: int = 0
     semantic_hits: int = 0
     misses: int = 0
-    """Resolves that found nothing in either cache (then coalesced or called)."""
+    """Resolves that found nothing anywhere and went to the provider for everyone."""
     coalesced: int = 0
     fleet_hits: int = 0
     provider_calls: int = 0

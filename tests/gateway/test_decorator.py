@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import pytest
@@ -85,6 +86,11 @@ async def test_methods_are_cached_without_self_in_the_key() -> None:
     assert await first.ask("hello") == "hello!"
     assert await second.ask("hello") == "hello!"
     assert first.calls + second.calls == 1
+    assert inspect.iscoroutinefunction(first.ask)
+    assert await first.ask.invalidate("hello") is True
+    assert await second.ask.invalidate("hello") is False
+    await first.ask("hello")
+    assert first.calls + second.calls == 2
 
 
 async def test_key_function_replaces_the_arguments() -> None:
@@ -130,7 +136,7 @@ async def test_invalidate_drops_one_entry() -> None:
 
     await f(1)
     await f(2)
-    assert await f.invalidate(1) is True  # type: ignore[attr-defined]
+    assert await f.invalidate(1) is True
     await f(1)
     await f(2)
     assert calls == 3

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from aiocache_llm.core.clock import Clock
-from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, IMMUTABLE_VALUE_TYPES, ValueCodec
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
@@ -28,9 +28,10 @@ class MemoryExactCache(AsyncResource):
     Entries are kept in least-recently-used order: a hit refreshes an entry, and a
     put beyond ``max_size`` (0 = unbounded) evicts the least recently used one.
     ``ttl_seconds`` (None = never) is the default lifetime, overridden per put; an
-    expired entry is a miss. Values are held encoded, so every hit returns a fresh
-    copy of a ``dict``, ``list`` or model and nothing a caller does to it changes
-    the cache.
+    expired entry is a miss. Immutable values (``str``, numbers) are kept and
+    returned as they are; others are held encoded, so every hit returns a fresh copy
+    of a ``dict``, ``list`` or model and nothing a caller does to it changes the
+    cache.
 
     Every method completes without yielding to the event loop, so each is atomic
     with respect to other tasks and cancellation cannot leave it half done.
@@ -53,8 +54,9 @@ class MemoryExactCache(AsyncResource):
         self._keys = QueryKeys(normalize)
         self._codec = ValueCodec(value_types, max_value_bytes=max_value_bytes)
         self._clock: Clock = clock or time.monotonic
-        # digest -> (encoded value, expiry on self._clock or _NEVER), oldest use first
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # digest -> (value, expiry on self._clock or _NEVER), oldest use first; the
+        # value is the object itself when immutable, else its encoded bytes
+        self._entries: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         # (expiry, digest) of every entry written with a TTL; may hold stale pairs
         self._expiries: list[tuple[float, str]] = []
         self._hits = 0
@@ -85,11 +87,12 @@ class MemoryExactCache(AsyncResource):
         self._check_open()
         entry = self._entries.get(digest)
         if entry is not None:
-            data, expires_at = entry
+            stored, expires_at = entry
             if expires_at == _NEVER or expires_at > self._clock():
                 self._entries.move_to_end(digest)
                 self._hits += 1
-                return self._codec.decode(data)
+                # bytes is never a cached value type: bytes here means "encoded"
+                return self._codec.decode(stored) if type(stored) is bytes else stored
             del self._entries[digest]
         self._misses += 1
         return None
@@ -109,13 +112,14 @@ class MemoryExactCache(AsyncResource):
         """:meth:`put` for a digest already computed with :meth:`signature`."""
         self._check_open()
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-        data = self._codec.encode(value)
+        data = self._codec.encode(value)  # validates, even when the object itself is kept
+        stored = value if type(value) in IMMUTABLE_VALUE_TYPES else data
         now = self._clock()
         expires_at = _NEVER
         if ttl is not None:
             expires_at = now + ttl
             heapq.heappush(self._expiries, (expires_at, digest))
-        self._entries[digest] = (data, expires_at)
+        self._entries[digest] = (stored, expires_at)
         self._entries.move_to_end(digest)
         self._purge_expired(now)
         if self._max_size:

@@ -25,7 +25,15 @@ __all__ = ["ReadBatcher"]
 class ReadBatcher:
     """Batches concurrent GETs issued through one ``redis.asyncio.Redis`` client."""
 
-    __slots__ = ("_batches", "_in_flight", "_max_batch", "_queued", "_redis", "_reads")
+    __slots__ = (
+        "_batch_task",
+        "_batches",
+        "_in_flight",
+        "_max_batch",
+        "_queued",
+        "_reads",
+        "_redis",
+    )
 
     def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
         self._redis = redis
@@ -34,9 +42,13 @@ class ReadBatcher:
         self._in_flight = False
         self._reads = 0
         self._batches = 0
+        # the loop holds tasks weakly: the batch in flight must be held here
+        self._batch_task: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
-        return f"ReadBatcher(reads={self._reads}, batches={self._batches}, queued={len(self._queued)})"
+        return (
+            f"ReadBatcher(reads={self._reads}, batches={self._batches}, queued={len(self._queued)})"
+        )
 
     async def get(self, key: str) -> bytes | None:
         """Return the value at ``key`` (``None`` if absent); raises :class:`BackendError`."""
@@ -47,7 +59,7 @@ class ReadBatcher:
             return await future
         self._in_flight = True
         try:
-            value: bytes | None = await self._redis.get(key)
+            value: bytes | None = await self._redis.get(key)  # type: ignore[assignment]
             return value
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "get") from exc
@@ -62,7 +74,7 @@ class ReadBatcher:
         del self._queued[: self._max_batch]
         self._in_flight = True
         self._batches += 1
-        asyncio.ensure_future(self._read_batch(batch))
+        self._batch_task = asyncio.ensure_future(self._read_batch(batch))
 
     async def _read_batch(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
         try:
@@ -77,9 +89,9 @@ class ReadBatcher:
                 future.cancel()
             raise
         else:
-            for (_, future), value in zip(batch, values):
+            for (_, future), value in zip(batch, values, strict=True):
                 if not future.done():
-                    future.set_result(value)
+                    future.set_result(value)  # type: ignore[arg-type]
         finally:
             self._in_flight = False
             self._send_queued()

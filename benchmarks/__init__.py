@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against the libraries people use today: ``python -m benchmarks``."""
