@@ -38,7 +38,8 @@ from aiocache_llm.core.query import (
 )
 from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
 from aiocache_llm.core.values import LLMResponse, Usage
-from aiocache_llm.gateway.decorator import cached_completion
+from aiocache_llm.embedders import HashingEmbedder
+from aiocache_llm.gateway.decorator import CachedFunction, cached_completion
 from aiocache_llm.gateway.gateway import InferenceGateway, WarmFailure, WarmReport
 from aiocache_llm.gateway.guard import BreakerState
 from aiocache_llm.gateway.stats import GatewayStats
@@ -82,6 +83,7 @@ __all__ = [
     "RedisRateLimiter",
     "MemoryChatMemory",
     "RedisChatMemory",
+    "HashingEmbedder",
     # layer 2: coalescing
     "SingleFlight",
     "SingleFlightStats",
@@ -93,6 +95,7 @@ __all__ = [
     "BreakerState",
     "estimate_tokens",
     "cached_completion",
+    "CachedFunction",
     # errors
     "AiocacheLLMError",
     "InvalidInputError",

@@ -15,6 +15,7 @@ from typing import Any
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 
 __all__ = [
+    "check_bool",
     "check_callable",
     "check_finite_number",
     "check_id",
@@ -27,6 +28,13 @@ __all__ = [
 ]
 
 _GLOB_CHARACTERS = frozenset("*?[]\\")
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool`` (1 and 0 are refused: they hide typos)."""
+    if type(value) is not bool:
+        raise InvalidInputTypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_positive_int(name: str, value: object) -> int:

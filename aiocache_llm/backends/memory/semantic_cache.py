@@ -1,6 +1,235 @@
-"""PLACEHOLDER: replaced by the helper that builds MemorySemanticCache."""
+"""``MemorySemanticCache``: paraphrase -> stored answer, a numpy index per scope, one process."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel
+
+from aiocache_llm.backends.vectors import EmbeddingAdapter, EmbedFn, VectorIndex
+from aiocache_llm.core.clock import Clock
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
+from aiocache_llm.core.lifecycle import AsyncResource
+from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.stats import CacheStats
+from aiocache_llm.core.validation import (
+    check_optional_positive_number,
+    check_similarity,
+    check_size_limit,
+)
+
+__all__ = ["MemorySemanticCache"]
 
 
-class MemorySemanticCache:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError
+class _Entry(NamedTuple):
+    scope: str
+    data: bytes
+    expires_at: float  # on self._clock; inf = never
+
+
+class MemorySemanticCache(AsyncResource):
+    """Paraphrased request -> stored answer, by cosine similarity, in this process.
+
+    A query is split into a *scope* (model, system prompt, earlier turns, parameters:
+    everything but the last user message, which must match exactly) and the *text*
+    of its last user message, which is embedded with ``embed_fn``. ``get`` answers
+    with the entry of the same scope whose vector is most similar to the text's, if
+    that cosine similarity is ``>= similarity_threshold`` (in [-1, 1]; overridable per
+    call). Each scope has its own :class:`VectorIndex`, so entries of other scopes
+    are never even compared. An entry is identified by its whole query: putting the
+    same query again replaces its vector and value, and ``invalidate`` removes it.
+    A query that was stored exactly is a hit (similarity 1) without calling
+    ``embed_fn`` at all, and so is a miss in a scope that holds no entries (most
+    scopes of a chat application, whose earlier turns differ).
+
+    ``embed_fn`` is a sync or async callable ``str -> sequence of floats``. An async
+    one is awaited; a sync one runs in a worker thread (overlapping calls in several
+    threads at once) unless ``embed_in_thread=False``. Its vectors are validated
+    (:class:`InvalidInputError` for NaN, infinity, all zeros, a dimension other than
+    ``dimension=`` or than the first vector stored; :class:`InvalidInputTypeError`
+    for non-numbers) before anything changes. Exceptions raised by ``embed_fn``
+    itself propagate unchanged.
+
+    Entries are kept in least-recently-used order across all scopes: a hit refreshes
+    an entry, and a put beyond ``max_size`` (0 = unbounded) evicts the least recently
+    used. ``ttl_seconds`` (None = never) is the default lifetime, overridden per put;
+    an expired entry is never returned and never hides a live one. Values are held
+    encoded (data only), so every hit returns a fresh copy of a mutable value.
+
+    Cost: a lookup is one embedding plus one float32 ``matrix @ q`` over the scope's
+    rows (O(n*d)); from ``n*d >= 2**22`` floats on, that product runs in a worker
+    thread and the rows it picks are re-checked on the loop. A put is the embedding
+    plus amortized O(d). Everything between awaits runs without yielding, so the
+    cache is never seen half-updated; a call cancelled while embedding changes
+    nothing.
+    """
+
+    def __init__(
+        self,
+        embed_fn: EmbedFn,
+        similarity_threshold: float = 0.95,
+        max_size: int = 512,
+        ttl_seconds: float | None = None,
+        *,
+        normalize: Normalizer | None = None,
+        value_types: Iterable[type[BaseModel]] = (),
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        clock: Clock | None = None,
+        dimension: int | None = None,
+        embed_in_thread: bool = True,
+    ) -> None:
+        self._embedding = EmbeddingAdapter(embed_fn, in_thread=embed_in_thread, dimension=dimension)
+        self._threshold = check_similarity("similarity_threshold", similarity_threshold)
+        self._max_size = check_size_limit("max_size", max_size)
+        self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        self._keys = QueryKeys(normalize)
+        self._codec = ValueCodec(value_types, max_value_bytes=max_value_bytes)
+        self._clock: Clock = clock or time.monotonic
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # digest -> entry, oldest use first
+        self._scopes: dict[str, VectorIndex] = {}  # scope digest -> its vectors, never empty
+        # (expiry, digest) of every entry written with a TTL; may hold stale pairs
+        self._expiries: list[tuple[float, str]] = []
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    def __repr__(self) -> str:
+        bound = self._max_size or "unbounded"
+        return (
+            f"MemorySemanticCache(size={len(self._entries)}/{bound}, scopes={len(self._scopes)}, "
+            f"similarity_threshold={self._threshold}, ttl_seconds={self._ttl}, "
+            f"embed_fn={self._embedding!r}, hits={self._hits}, misses={self._misses})"
+        )
+
+    async def get(self, query: Query, *, similarity_threshold: float | None = None) -> Any | None:
+        """Return the value of the most similar live entry of the query's scope, or ``None``.
+
+        ``similarity_threshold`` overrides the cache's threshold for this call. An
+        exact repeat of a stored query, and any query of a scope with no entries, is
+        answered without calling ``embed_fn``. Raises
+        :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad query,
+        threshold or embedding, before anything changes.
+        """
+        self._check_open()
+        threshold = self._threshold
+        if similarity_threshold is not None:
+            threshold = check_similarity("similarity_threshold", similarity_threshold)
+        scope, text, digest = self._keys.semantic_parts(query)
+        exact = self._entries.get(digest)
+        if exact is not None and exact.expires_at > self._clock():
+            return self._hit(digest, exact)
+        if scope in self._scopes:  # an empty scope is a miss without an embedding
+            vector = await self._embedding.embed(text)
+            self._embedding.check(vector)
+            # looked up again: the scope may have been emptied or refilled meanwhile
+            index = self._scopes.get(scope)
+            if index is not None:
+                now = self._clock()
+                # every row of the index has its entry, so the best one alone will do
+                for candidate in await index.best_async(vector, 1, now, threshold):
+                    entry = self._entries.get(candidate.entry_id)
+                    # the index may have been dropped by clear() while a thread searched it
+                    if entry is not None and entry.expires_at > now:
+                        return self._hit(candidate.entry_id, entry)
+        self._misses += 1
+        return None
+
+    def _hit(self, digest: str, entry: _Entry) -> Any:
+        self._entries.move_to_end(digest)
+        self._hits += 1
+        return self._codec.decode(entry.data)
+
+    async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
+        """Store ``value`` under the query's scope and the embedding of its last user message.
+
+        Replaces the entry of the same query. ``ttl_seconds`` overrides the cache's
+        default for this entry. The query, value and embedding are all validated
+        before anything changes, so bad input raises and leaves the cache as it was.
+        """
+        self._check_open()
+        ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
+        scope, text, digest = self._keys.semantic_parts(query)
+        data = self._codec.encode(value)
+        vector = await self._embedding.embed(text)
+        self._check_open()
+        self._embedding.check(vector)
+        self._embedding.adopt(vector)
+        now = self._clock()
+        expires_at = math.inf
+        if ttl is not None:
+            expires_at = now + ttl
+            heapq.heappush(self._expiries, (expires_at, digest))
+        index = self._scopes.get(scope)
+        if index is None:
+            index = self._scopes[scope] = VectorIndex(vector.shape[0])
+        index.upsert(digest, vector, expires_at)
+        self._entries[digest] = _Entry(scope, data, expires_at)
+        self._entries.move_to_end(digest)
+        self._purge_expired(now)
+        if self._max_size:
+            while len(self._entries) > self._max_size:
+                self._remove(next(iter(self._entries)))
+                self._evictions += 1
+
+    async def invalidate(self, query: Query) -> bool:
+        """Remove the entry stored for exactly this query; return whether a live one was there."""
+        self._check_open()
+        _, _, digest = self._keys.semantic_parts(query)
+        entry = self._remove(digest)
+        return entry is not None and entry.expires_at > self._clock()
+
+    async def clear(self) -> None:
+        """Remove every entry of every scope; counters and the learned dimension are kept."""
+        self._check_open()
+        self._drop_all()
+
+    async def stats(self) -> CacheStats:
+        """Return hits, misses, evictions and the number of live entries."""
+        self._check_open()
+        self._purge_expired(self._clock())
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            size=len(self._entries),
+            evictions=self._evictions,
+        )
+
+    def _remove(self, digest: str) -> _Entry | None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            index = self._scopes[entry.scope]
+            index.remove(digest)
+            if not len(index):
+                del self._scopes[entry.scope]
+        return entry
+
+    def _purge_expired(self, now: float) -> None:
+        expiries = self._expiries
+        entries = self._entries
+        while expiries and expiries[0][0] <= now:
+            expires_at, digest = heapq.heappop(expiries)
+            entry = entries.get(digest)
+            # the entry may have been rewritten since: only its current expiry counts
+            if entry is not None and entry.expires_at == expires_at:
+                self._remove(digest)
+        # rewrites leave stale pairs behind; rebuild before they outnumber entries
+        if len(expiries) > 2 * len(entries) + 64:
+            self._expiries = [
+                (e.expires_at, d) for d, e in entries.items() if math.isfinite(e.expires_at)
+            ]
+            heapq.heapify(self._expiries)
+
+    def _drop_all(self) -> None:
+        for index in self._scopes.values():
+            index.clear()  # a lookup still searching it in a thread then finds nothing
+        self._scopes.clear()
+        self._entries.clear()
+        self._expiries.clear()
+
+    async def _release(self) -> None:
+        self._drop_all()
