@@ -18,6 +18,8 @@ class RateLimiterStats(BaseModel):
     granted: int = 0
     """Requests granted (``check_and_consume`` returning True, ``acquire`` returning)."""
     granted_tokens: int = 0
+    refunded_tokens: int = 0
+    """Tokens given back by ``refund`` (a call used fewer than it reserved)."""
     refused: int = 0
     """Requests refused (``check_and_consume`` returning False, ``acquire`` raising)."""
     backend_errors: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from aiocache_llm.core.errors import (
     BackendError,
@@ -23,6 +23,7 @@ from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.validation import check_key_prefix
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_SOCKET_TIMEOUT",
     "DRIVER_ERRORS",
     "RedisBackend",
@@ -30,7 +31,11 @@ __all__ = [
 ]
 
 DEFAULT_SOCKET_TIMEOUT = 5.0
-"""Seconds a client built from ``url=`` waits to connect and for each reply."""
+"""Seconds a client built from ``url=`` waits to connect, for each reply, and for a free
+connection of its pool."""
+
+DEFAULT_MAX_CONNECTIONS = 64
+"""Connections a client built from ``url=`` opens at most; more callers wait their turn."""
 
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError)
 """What a Redis call may raise besides cancellation; caught only at the backend boundary."""
@@ -77,12 +82,17 @@ class RedisBackend(AsyncResource):
             if not isinstance(url, str) or not url:
                 raise InvalidInputError("url must be a non-empty redis:// or rediss:// URL")
             try:
-                self._redis = Redis.from_url(
+                # a blocking pool: a burst beyond the pool waits for a connection
+                # instead of failing with MaxConnectionsError
+                pool = BlockingConnectionPool.from_url(
                     url,
+                    max_connections=DEFAULT_MAX_CONNECTIONS,
+                    timeout=DEFAULT_SOCKET_TIMEOUT,
                     decode_responses=False,
                     socket_timeout=DEFAULT_SOCKET_TIMEOUT,
                     socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT,
                 )
+                self._redis = Redis.from_pool(pool)
             except ValueError as exc:
                 raise InvalidInputError(f"invalid Redis url {url!r}: {exc}") from exc
             self._owns_client = True
