@@ -29,6 +29,7 @@ from aiocache_llm.core.errors import (
     RateLimitExceeded,
     ValueTooLargeError,
 )
+from aiocache_llm.core.guard import BreakerState
 from aiocache_llm.core.query import (
     IGNORED_FIELDS,
     Normalizer,
@@ -41,7 +42,6 @@ from aiocache_llm.core.values import LLMResponse, Usage
 from aiocache_llm.embedders import HashingEmbedder
 from aiocache_llm.gateway.decorator import CachedFunction, cached_completion
 from aiocache_llm.gateway.gateway import InferenceGateway, WarmFailure, WarmReport
-from aiocache_llm.gateway.guard import BreakerState
 from aiocache_llm.gateway.stats import GatewayStats
 from aiocache_llm.gateway.tokens import estimate_tokens
 from aiocache_llm.protocols import (

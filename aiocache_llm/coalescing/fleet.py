@@ -36,8 +36,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
+from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.validation import check_positive_number
-from aiocache_llm.gateway.guard import BackendGuard
 
 __all__ = ["FleetCoalescer"]
 

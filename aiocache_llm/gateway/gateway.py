@@ -21,6 +21,7 @@ from aiocache_llm.core.errors import (
     ProviderTimeoutError,
     RateLimitExceeded,
 )
+from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.validation import (
@@ -30,7 +31,6 @@ from aiocache_llm.core.validation import (
     check_positive_int,
     check_positive_number,
 )
-from aiocache_llm.gateway.guard import BackendGuard
 from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
 from aiocache_llm.gateway.tokens import estimate_tokens as default_estimate_tokens
 from aiocache_llm.gateway.tokens import reported_tokens

@@ -490,9 +490,7 @@ async def test_reset_wakes_a_waiting_acquire(make_limiter: Factory, timing: Timi
     assert await limiter.get_remaining(USER) == 6
 
 
-async def test_refund_gives_back_the_newest_grants(
-    make_limiter: Factory, backend: Backend
-) -> None:
+async def test_refund_gives_back_the_newest_grants(make_limiter: Factory, backend: Backend) -> None:
     limiter: Any = make_limiter(10, 1.0)
     assert await limiter.check_and_consume(USER, 3)
     await backend.wait(0.5)

@@ -28,7 +28,7 @@ from aiocache_llm.core.validation import (
 
 __all__ = ["BackendGuard", "BreakerState"]
 
-logger = logging.getLogger("aiocache_llm.gateway")
+logger = logging.getLogger("aiocache_llm.guard")
 
 T = TypeVar("T")
 F = TypeVar("F")
