@@ -6,12 +6,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from aiocache_llm.backends.redis.batching import GetBatcher
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
-from aiocache_llm.backends.redis.read_batcher import ReadBatcher
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
-from aiocache_llm.core.errors import CorruptEntryError
+from aiocache_llm.core.errors import BackendError, CorruptEntryError
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import check_optional_positive_number, check_size_limit
@@ -22,12 +23,22 @@ GET_AND_TOUCH = """
 -- Read an entry of a bounded cache and mark it most recently used.
 -- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> use tick),
 -- KEYS[3] use tick counter (a tick, unlike a timestamp, never ties)
--- returns the stored bytes, or nil (and drops the entry from the index) on a miss
-local value = redis.call('GET', KEYS[1])
+-- returns the stored bytes, nil on a miss (the entry is dropped from the index), or
+-- {0} when the entry key holds another Redis type (someone else's data: a miss)
+-- Index keys of another type are left for the next put to replace: a read never fails
+-- because of them, it only skips the touch.
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then
+    redis.pcall('ZREM', KEYS[2], KEYS[1])
+    return {0}
+end
 if value then
-    redis.call('ZADD', KEYS[2], 'XX', redis.call('INCR', KEYS[3]), KEYS[1])
+    local tick = redis.pcall('INCR', KEYS[3])
+    if type(tick) == 'number' then
+        redis.pcall('ZADD', KEYS[2], 'XX', tick, KEYS[1])
+    end
 else
-    redis.call('ZREM', KEYS[2], KEYS[1])
+    redis.pcall('ZREM', KEYS[2], KEYS[1])
 end
 return value
 """
@@ -36,26 +47,48 @@ PUT_BOUNDED = """
 -- Store an entry of a bounded cache and evict the least recently used beyond the bound.
 -- KEYS[1] entry key, KEYS[2] recency index (zset: entry key -> use tick),
 -- KEYS[3] use tick counter
--- ARGV[1] encoded value, ARGV[2] ttl in ms ('0' = none), ARGV[3] max entries
+-- ARGV[1] encoded value, ARGV[2] ttl in ms ('0' = none), ARGV[3] max entries,
+-- ARGV[4] entry key prefix ('{key_prefix}:'): only index members that are such a prefix
+-- and a 64-character digest are deleted, whatever else someone wrote into the index
 -- returns the number of entries evicted
+-- Index keys holding someone else's data are replaced, never written into: an index of
+-- another type is dropped (its entries stay until they expire or are overwritten), a
+-- tick that is not a number restarts above the highest tick in the index.
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'zset' then
+    redis.call('UNLINK', KEYS[2])
+end
+local tick = redis.pcall('INCR', KEYS[3])
+if type(tick) ~= 'number' then
+    local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+    tick = math.floor(tonumber(newest[2]) or 0) + 1
+    redis.call('SET', KEYS[3], tick)
+end
 if ARGV[2] == '0' then
     redis.call('SET', KEYS[1], ARGV[1])
 else
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), KEYS[1])
+redis.call('ZADD', KEYS[2], tick, KEYS[1])
 local overflow = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if overflow <= 0 then
     return 0
 end
 local victims = redis.call('ZPOPMIN', KEYS[2], overflow)
 for i = 1, #victims, 2 do
-    redis.call('UNLINK', victims[i])
+    local victim = victims[i]
+    if #victim == #ARGV[4] + 64 and string.sub(victim, 1, #ARGV[4]) == ARGV[4] then
+        redis.call('UNLINK', victim)
+    end
 end
 return overflow
 """
 
 _INDEX_SUFFIX = "lru"
+_WRONG_TYPE: list[Any] = [0]  # what GET_AND_TOUCH answers for a key of another type
+
+
+def _is_wrong_type(exc: BaseException | None) -> bool:
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 class RedisExactCache(RedisBackend):
@@ -64,7 +97,7 @@ class RedisExactCache(RedisBackend):
     Answers every call like :class:`MemoryExactCache` (drop-in), with the entries in
     Redis under ``{key_prefix}:{signature}``. Each ``get``/``put``/``invalidate`` is
     one round trip and atomic on the server; concurrent ``get``s of an unbounded
-    cache share round trips (one ``MGET`` per batch, see :class:`ReadBatcher`), while
+    cache share round trips (one ``MGET`` per batch, see :class:`GetBatcher`), while
     a lone ``get`` is sent at once. Values are ``SET`` with ``PX`` expiry
     (``ttl_seconds`` default, overridden per put; None = never).
 
@@ -102,8 +135,9 @@ class RedisExactCache(RedisBackend):
         self._index_key = f"{self._prefix}:{_INDEX_SUFFIX}"
         self._index_keys = (self._index_key, f"{self._index_key}:tick")
         # entry keys end in a 64-character digest; other keys under the prefix do not
-        self._entry_pattern = f"{self._prefix}:" + "?" * 64
-        self._reads = ReadBatcher(self._redis)
+        self._entry_prefix = f"{self._prefix}:"
+        self._entry_pattern = self._entry_prefix + "?" * 64
+        self._reads = GetBatcher(self._redis)
         self._get_and_touch = self._redis.register_script(GET_AND_TOUCH)
         self._put_bounded = self._redis.register_script(PUT_BOUNDED)
         self._hits = 0
@@ -146,13 +180,19 @@ class RedisExactCache(RedisBackend):
                 data = await self._reads.get(key)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "get") from exc
+        except BackendError as exc:  # mapped by the read batcher
+            if not _is_wrong_type(exc.__cause__):
+                raise
+            data = _WRONG_TYPE
         return self._decode(data)
 
-    def _decode(self, data: bytes | None) -> Any | None:
+    def _decode(self, data: bytes | list[Any] | None) -> Any | None:
         if data is None:
             self._misses += 1
             return None
         try:
+            if not isinstance(data, bytes):  # the key holds a list, hash, ...: not ours
+                raise CorruptEntryError("another Redis type is stored under the entry's key")
             value = self._codec.decode(data)
         except CorruptEntryError:
             self._corrupt += 1
@@ -181,7 +221,8 @@ class RedisExactCache(RedisBackend):
         try:
             if self._max_size:
                 evicted = await self._put_bounded(
-                    keys=[key, *self._index_keys], args=[data, ttl_ms or 0, self._max_size]
+                    keys=[key, *self._index_keys],
+                    args=[data, ttl_ms or 0, self._max_size, self._entry_prefix],
                 )
                 self._evictions += int(evicted)
             else:
@@ -198,7 +239,10 @@ class RedisExactCache(RedisBackend):
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.unlink(key)
                     pipe.zrem(self._index_key, key)
-                    removed, _ = await pipe.execute()
+                    # an index of another type fails the ZREM only: the next put replaces it
+                    removed, _ = await pipe.execute(raise_on_error=False)
+                if isinstance(removed, BaseException):
+                    raise removed
             else:
                 removed = await self._redis.unlink(key)
         except DRIVER_ERRORS as exc:

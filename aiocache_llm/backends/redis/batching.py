@@ -1,0 +1,165 @@
+"""Automatic batching: concurrent commands on one client share round trips.
+
+While nothing is in flight, a command is sent at once on its own: a lone caller
+pays nothing. Commands that arrive while one is in flight queue up; when it
+returns, everything queued leaves together (at most ``max_batch``), and so on.
+Under concurrency this turns N round trips and N reply parses into one, which is
+where redis-py spends most of its time per command.
+
+- :class:`GetBatcher` turns queued ``GET``s into one ``MGET``.
+- :class:`ScriptBatcher` sends queued runs of one Lua script as one pipeline of
+  ``EVALSHA`` (no ``MULTI``): each run stays atomic on the server on its own.
+
+Cancellation: a cancelled caller stops waiting; its command may still run as part
+of a batch, and its result is dropped. A failed batch fails each of its callers
+with the mapped :class:`BackendError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
+
+__all__ = ["GetBatcher", "ScriptBatcher"]
+
+Request = TypeVar("Request")
+
+
+class _Batcher(Generic[Request]):
+    """Sends one request at once, or every queued one together when one is in flight."""
+
+    operation = "command"
+
+    def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
+        self._redis = redis
+        self._max_batch = max_batch
+        self._queued: list[tuple[Request, asyncio.Future[Any]]] = []
+        self._in_flight = False
+        self._sent = 0
+        self._batches = 0
+        # the loop holds tasks weakly: the batch in flight must be held here
+        self._batch_task: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sent={self._sent}, batches={self._batches}, "
+            f"queued={len(self._queued)})"
+        )
+
+    async def _submit(self, request: Request) -> Any:
+        self._sent += 1
+        if self._in_flight:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._queued.append((request, future))
+            return await future
+        self._in_flight = True
+        try:
+            return await self._send_one(request)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, self.operation) from exc
+        finally:
+            self._in_flight = False
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        if not self._queued:
+            return
+        batch = self._queued[: self._max_batch]
+        del self._queued[: self._max_batch]
+        self._in_flight = True
+        self._batches += 1
+        self._batch_task = asyncio.ensure_future(self._run_batch(batch))
+
+    async def _run_batch(self, batch: list[tuple[Request, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._send_many([request for request, _ in batch])
+        except Exception as exc:
+            error = backend_error(exc, self.operation) if isinstance(exc, DRIVER_ERRORS) else exc
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, DRIVER_ERRORS):
+                    future.set_exception(backend_error(result, self.operation))
+                else:
+                    future.set_result(result)
+        finally:
+            self._in_flight = False
+            self._send_queued()
+
+    async def _send_one(self, request: Request) -> Any:
+        raise NotImplementedError
+
+    async def _send_many(self, requests: list[Request]) -> Sequence[Any]:
+        """Results in request order; a per-request driver error may stand in a result."""
+        raise NotImplementedError
+
+
+class GetBatcher(_Batcher[str]):
+    """Concurrent ``GET``s of one client become one ``MGET``."""
+
+    operation = "get"
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the value at ``key`` (``None`` if absent); raises :class:`BackendError`."""
+        value: bytes | None = await self._submit(key)
+        return value
+
+    async def _send_one(self, request: str) -> Any:
+        return await self._redis.get(request)
+
+    async def _send_many(self, requests: list[str]) -> Sequence[Any]:
+        return await self._redis.mget(requests)
+
+
+class ScriptBatcher(_Batcher[tuple[Sequence[Any], Sequence[Any]]]):
+    """Concurrent runs of one Lua script leave as one pipeline of ``EVALSHA``.
+
+    The script is loaded on first use and again whenever the server has lost it
+    (``NOSCRIPT`` after a restart or ``SCRIPT FLUSH``); the runs it failed are retried
+    once, each on its own.
+    """
+
+    def __init__(self, redis: Redis, source: str, *, operation: str, max_batch: int = 256) -> None:
+        super().__init__(redis, max_batch=max_batch)
+        self.operation = operation
+        self._script = redis.register_script(source)
+
+    async def run(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run the script once with ``keys`` and ``args``; raises :class:`BackendError`."""
+        return await self._submit((keys, args))
+
+    async def _send_one(self, request: tuple[Sequence[Any], Sequence[Any]]) -> Any:
+        keys, args = request
+        # Script.__call__ loads the script and retries on NOSCRIPT by itself
+        return await self._script(keys=keys, args=args)
+
+    async def _send_many(
+        self, requests: list[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> Sequence[Any]:
+        sha = self._script.sha
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in requests:
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, result in enumerate(results):
+            if isinstance(result, redis_errors.NoScriptError):
+                keys, args = requests[index]
+                try:
+                    results[index] = await self._script(keys=keys, args=args)
+                except DRIVER_ERRORS as exc:
+                    results[index] = exc
+        return results
