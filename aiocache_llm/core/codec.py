@@ -1,6 +1,7 @@
 """The value codec: cached values <-> bytes, data only.
 
-Every stored value is ``MAGIC + kind + payload``:
+Every stored value is ``MAGIC + kind + length + payload``, the length being the
+payload's size in 4 bytes (big-endian), so that a truncated entry is always detected:
 
 ======  ==========================================  ==========================
 kind    value                                       payload
@@ -44,7 +45,9 @@ _MAGIC = b"acl\x01"
 _STR = _MAGIC + b"s"
 _JSON = _MAGIC + b"j"
 _MODEL = _MAGIC + b"m"
-_HEADER_LEN = len(_STR)
+_KIND_LEN = len(_STR)
+_HEADER_LEN = _KIND_LEN + 4
+_MAX_PAYLOAD = 2**32 - 1
 # None is not among them: a cache answers None for a miss
 _JSON_TYPES = frozenset({dict, list, int, float, bool})
 
@@ -109,7 +112,7 @@ class ValueCodec:
         """
         kind = type(value)
         if kind is str:
-            data = _STR + _utf8(value)  # type: ignore[arg-type]
+            data = _frame(_STR, _utf8(value))  # type: ignore[arg-type]
         elif kind in _JSON_TYPES:
             payload = canonical_json(value, what="value", sort_keys=False)
             if orjson.loads(payload) != value:
@@ -117,7 +120,7 @@ class ValueCodec:
                     "value does not survive a JSON round trip unchanged "
                     "(tuples, sets or other non-JSON containers inside it?)"
                 )
-            data = _JSON + payload
+            data = _frame(_JSON, payload)
         elif isinstance(value, BaseModel):
             data = self._encode_model(value)
         else:
@@ -145,7 +148,7 @@ class ValueCodec:
             raise InvalidInputError(
                 f"{cls.__name__} value does not survive a JSON round trip unchanged"
             )
-        return _MODEL + _type_name(cls).encode() + b"\n" + payload
+        return _frame(_MODEL, _type_name(cls).encode() + b"\n" + payload)
 
     def decode(self, data: bytes | str) -> Any:
         """Return the value stored as ``data``; O(size of data).
@@ -155,7 +158,9 @@ class ValueCodec:
         """
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
-        header = data[:_HEADER_LEN]
+        header = data[:_KIND_LEN]
+        if int.from_bytes(data[_KIND_LEN:_HEADER_LEN], "big") != len(data) - _HEADER_LEN:
+            raise CorruptEntryError("stored value was not written by aiocache_llm, or is truncated")
         try:
             if header == _STR:
                 return data[_HEADER_LEN:].decode("utf-8")
@@ -183,6 +188,12 @@ class ValueCodec:
             return cls.model_validate_json(data[end + 1 :])
         except ValidationError as exc:
             raise CorruptEntryError(f"stored {name} value does not validate: {exc}") from exc
+
+
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    if len(payload) > _MAX_PAYLOAD:
+        raise ValueTooLargeError(f"value is {len(payload)} bytes encoded, above 4 GiB")
+    return kind + len(payload).to_bytes(4, "big") + payload
 
 
 def _utf8(text: str) -> bytes:

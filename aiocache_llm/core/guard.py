@@ -19,7 +19,12 @@ from typing import TypeVar
 
 from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.deadline import deadline
-from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError, RateLimitExceeded
+from aiocache_llm.core.errors import (
+    AiocacheLLMError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    RateLimitExceeded,
+)
 from aiocache_llm.core.validation import (
     check_optional_positive_number,
     check_positive_int,
@@ -152,7 +157,7 @@ class BackendGuard:
     def _on_failure(self, exc: BaseException) -> None:
         self.errors += 1
         self._consecutive_failures += 1
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        reason = _describe(exc)
         if self._state is BreakerState.HALF_OPEN:
             self._open()
             logger.debug("%s probe failed (%s); skipping it again", self.name, reason)
@@ -170,3 +175,15 @@ class BackendGuard:
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
+
+
+def _describe(exc: BaseException) -> str:
+    """What a log line may say about a failure: never a foreign exception's text.
+
+    The library's own errors are written to name the operation and the driver's
+    error; anything else (a custom backend, an embed function) may quote its input,
+    a prompt, so only its type is logged.
+    """
+    if isinstance(exc, AiocacheLLMError) and str(exc):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

@@ -59,6 +59,7 @@ IGNORED_FIELDS: frozenset[str] = frozenset(
 """Top-level request fields left out of the key by :func:`default_normalize`."""
 
 _SORTED = orjson.OPT_SORT_KEYS
+_MAX_JSON_DEPTH = 254  # orjson refuses deeper nesting of lists and dicts
 _SCOPE_MARKER = "\x00semantic-text\x00"
 
 
@@ -87,7 +88,15 @@ def as_request(query: object) -> dict[str, Any]:
             raise InvalidInputError("query must not be an empty string")
         return {"messages": [{"role": "user", "content": query}]}
     elif isinstance(query, BaseModel):
-        request = query.model_dump(mode="json", exclude_none=True)
+        try:
+            request = query.model_dump(mode="json", exclude_none=True)
+        except (ValueError, TypeError) as exc:  # unknown types, bytes, depth, cycles
+            raise InvalidInputError(
+                f"query {kind.__name__} cannot be serialized as JSON: {exc}"
+            ) from exc
+        # JSON mode writes NaN in untyped (Any, dict, list) fields as null, which
+        # would make the key that of another query: look at the model itself
+        _reject_non_finite(query, "query")
     elif isinstance(query, Mapping):
         request = dict(query)
     else:
@@ -112,6 +121,10 @@ def canonical_json(obj: object, *, what: str = "query", sort_keys: bool = True) 
     except orjson.JSONEncodeError as exc:
         if "surrogates" in str(exc):
             raise InvalidInputError(f"{what} is not valid Unicode text: {exc}") from exc
+        if "Recursion limit" in str(exc):
+            raise InvalidInputError(
+                f"{what} is nested too deeply for JSON (at most {_MAX_JSON_DEPTH} levels)"
+            ) from exc
         raise InvalidInputTypeError(f"{what} is not JSON-serializable: {exc}") from exc
     # orjson writes NaN/inf as null: only when a null appears is the slow walk needed.
     if b"null" in encoded:
@@ -123,6 +136,9 @@ def _reject_non_finite(obj: object, path: str) -> None:
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise InvalidInputError(f"{path} contains a non-finite float ({obj})")
+    elif isinstance(obj, BaseModel):
+        for name, value in obj:  # declared fields and extras
+            _reject_non_finite(value, f"{path}.{name}")
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         # orjson serializes dataclass instances field by field, NaN as null too
         for item in dataclasses.fields(obj):

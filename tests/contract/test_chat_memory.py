@@ -533,7 +533,8 @@ async def test_conversation_is_a_list_of_plain_json_under_prefix_colon_id(
     assert backend.redis is not None
     await redis_memory.append(CONV, "user", [{"type": "text", "text": "hi"}])
     await redis_memory.append(CONV, "assistant", "hello")
-    key = f"{backend.redis.prefix}:{CONV}"
+    # ':' and '%' in the id are escaped so nested tenant prefixes never meet
+    key = f"{backend.redis.prefix}:{CONV.replace(':', '%3A')}"
     assert redis_memory.key(CONV) == key
     assert await backend.redis.client.type(key) == b"list"
     stored = await backend.redis.client.lrange(key, 0, -1)

@@ -188,6 +188,15 @@ def _truncations(data: bytes) -> list[bytes]:
     return [data[:cut] for cut in range(len(data))]
 
 
+def _length(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big")
+
+
+def _framed(kind: bytes, payload: bytes) -> bytes:
+    """An envelope whose frame is right, so only its kind or payload can refuse it."""
+    return b"acl\x01" + kind + _length(payload) + payload
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -198,19 +207,21 @@ def _truncations(data: bytes) -> list[bytes]:
         json.dumps({"a": 1}).encode(),
         b'"a json string"',
         b"acl\x01",
-        b"acl\x02s",
-        b"ACL\x01shello",
-        b"acl\x01x{}",
-        b"acl\x01j",
-        b'acl\x01j"str"',
-        b"acl\x01jnull",
-        b"acl\x01j{not json",
-        b"acl\x01s\xff\xfe",
-        b"acl\x01m",
-        b"acl\x01mno newline",
-        b"acl\x01m\xff\n{}",
-        b"acl\x01maiocache_llm.core.values.LLMResponse\n{not json",
-        b'acl\x01maiocache_llm.core.values.LLMResponse\n{"usage": 5}',
+        b"acl\x02s" + _length(b""),
+        b"ACL\x01s" + _length(b"hello") + b"hello",
+        _framed(b"x", b"{}"),
+        _framed(b"j", b""),
+        _framed(b"j", b'"str"'),
+        _framed(b"j", b"null"),
+        _framed(b"j", b"{not json"),
+        _framed(b"s", b"\xff\xfe"),
+        _framed(b"m", b""),
+        _framed(b"m", b"no newline"),
+        _framed(b"m", b"\xff\n{}"),
+        _framed(b"m", b"aiocache_llm.core.values.LLMResponse\n{not json"),
+        _framed(b"m", b'aiocache_llm.core.values.LLMResponse\n{"usage": 5}'),
+        _framed(b"s", b"hello")[:-1],
+        _framed(b"s", b"hello") + b"!",
     ],
     ids=[
         "empty",
@@ -233,6 +244,8 @@ def _truncations(data: bytes) -> list[bytes]:
         "model-bad-utf8-name",
         "model-bad-json",
         "model-invalid",
+        "truncated",
+        "overlong",
     ],
 )
 def test_foreign_data_is_a_corrupt_entry(data: bytes) -> None:
@@ -277,7 +290,9 @@ class Tracked(BaseModel):
 
 
 def _model_data(type_name: str, payload: bytes = b"{}") -> bytes:
-    return b"acl\x01m" + type_name.encode() + b"\n" + payload
+    body = type_name.encode() + b"\n" + payload
+    # a well-formed envelope (the length matches), so only the type name can refuse it
+    return b"acl\x01m" + len(body).to_bytes(4, "big") + body
 
 
 @pytest.mark.parametrize(

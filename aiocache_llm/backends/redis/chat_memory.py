@@ -34,13 +34,17 @@ return length
 """
 
 
+_KEY_SPECIAL = frozenset("%:")
+_KEY_ESCAPES = str.maketrans({"%": "%25", ":": "%3A"})
+
+
 class RedisChatMemory(RedisBackend):
     """A bounded message history per conversation, shared through Redis.
 
     Answers every call like :class:`MemoryChatMemory` (drop-in). A conversation is a
-    Redis ``LIST`` under ``{key_prefix}:{conv_id}`` (any Unicode id; keys are UTF-8,
-    binary-safe) holding one compact JSON ``{"role", "content"}`` per message, oldest
-    first, so other tools can read it.
+    Redis ``LIST`` under ``{key_prefix}:{conv_id}`` (any Unicode id, with ``%`` and
+    ``:`` escaped, see :meth:`key`) holding one compact JSON ``{"role", "content"}``
+    per message, oldest first, so other tools can read it.
 
     ``append`` is one round trip: the ``APPEND_MESSAGE`` Lua script pushes, trims to
     the newest ``2 * max_turns`` and refreshes the expiry with ``PEXPIRE`` (milliseconds,
@@ -97,8 +101,16 @@ class RedisChatMemory(RedisBackend):
         return self._config
 
     def key(self, conv_id: str) -> str:
-        """Return the Redis key of a conversation: ``{key_prefix}:{conv_id}``."""
-        return f"{self._prefix}:{check_conv_id(conv_id)}"
+        """Return the Redis key of a conversation: ``{key_prefix}:{conv_id}``.
+
+        ``%`` and ``:`` in the id are written ``%25`` and ``%3A``: the last segment
+        of a key is then always the conversation, so tenants whose prefixes nest
+        (``acme`` and ``acme:eu``) can never read each other's conversations.
+        """
+        conv_id = check_conv_id(conv_id)
+        if not _KEY_SPECIAL.isdisjoint(conv_id):
+            conv_id = conv_id.translate(_KEY_ESCAPES)
+        return f"{self._prefix}:{conv_id}"
 
     async def append(self, conv_id: str, role: str, content: Any) -> None:
         """Append a message, keep the newest ``2 * max_turns``, refresh the TTL; atomically.

@@ -12,6 +12,8 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from aiocache_llm.core.errors import (
     BackendError,
@@ -53,7 +55,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 def backend_error(exc: BaseException, operation: str) -> BackendError:
     """Return the library error for a driver error raised during ``operation``."""
     message = f"redis {operation} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, _UNAVAILABLE):
+    # redis-py derives AuthenticationError from ConnectionError, but a wrong password
+    # is a configuration error that no retry will cure, not an unreachable server
+    if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, redis_errors.AuthenticationError):
         return BackendUnavailableError(message)
     return BackendError(message)
 
@@ -91,6 +95,9 @@ class RedisBackend(AsyncResource):
                     decode_responses=False,
                     socket_timeout=DEFAULT_SOCKET_TIMEOUT,
                     socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT,
+                    # never resend a command whose reply was lost: a chat append or a
+                    # limiter grant would be applied twice (failures are handled above us)
+                    retry=Retry(NoBackoff(), 0),
                 )
                 self._redis = Redis.from_pool(pool)
             except ValueError as exc:

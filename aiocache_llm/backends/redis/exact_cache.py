@@ -110,7 +110,10 @@ class RedisExactCache(RedisBackend):
     Hits and misses are counted per process; ``size`` is read from Redis: O(1) for a
     bounded cache (entries expired but not yet evicted included), O(keys in the
     database) with SCAN for an unbounded one. Data under our keys that this library
-    did not write is a miss, counted in ``corrupt_entries``, never decoded further.
+    did not write is a miss, counted in ``corrupt_entries``, never decoded further;
+    so is a key of another Redis type (uncounted when read in a batch: ``MGET``
+    answers nil for it), which the next put replaces. Foreign data under the index
+    keys never fails a call: reads skip the touch, the next put replaces them.
     Driver errors become :class:`BackendUnavailableError`/:class:`BackendError`.
     Cancelling a call may leave its command executed or not, never half executed.
     """
