@@ -18,7 +18,7 @@ already reduced each process to one caller:
    expiry (the leader died: no renewals) -> try to lead. After ``max_wait`` seconds
    in all it calls ``compute()`` itself, so nobody waits forever.
 
-Notifications arrive on one pattern subscription per coalescer (per process),
+Notifications arrive on one channel subscription per coalescer (per process),
 started on the first wait. Redis failures never fail a call: coordination is
 abandoned and ``compute()`` runs directly (the guard counts and logs it).
 """
@@ -75,7 +75,8 @@ return 0
 RELEASE_LEASE = """
 -- Release a lease (only if still owned) and wake the waiters of other processes.
 -- KEYS[1] lease key, KEYS[2] waiter marker key
--- ARGV[1] holder token, ARGV[2] notification channel, ARGV[3] outcome: 'stored' | 'failed'
+-- ARGV[1] holder token, ARGV[2] notification channel,
+-- ARGV[3] notification: '<digest> stored' | '<digest> failed'
 -- returns 1 when the lease was still owned and is now released, else 0
 local owned = redis.call('GET', KEYS[1]) == ARGV[1]
 if owned then
@@ -96,11 +97,16 @@ _UNREACHABLE = object()
 
 
 class _Notifier:
-    """One pattern subscription per process, fanning lease notifications out to futures."""
+    """One channel subscription per process, fanning lease notifications out to futures.
 
-    def __init__(self, client: Redis, pattern: str) -> None:
+    A single fixed channel (not a pattern): Redis ACL channel rules such as
+    ``&tenant-a:*`` match channel names, while a PSUBSCRIBE pattern would have to be
+    granted literally.
+    """
+
+    def __init__(self, client: Redis, channel: str) -> None:
         self._client = client
-        self._pattern = pattern
+        self._channel = channel
         self._waiters: dict[bytes, set[asyncio.Future[bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -114,17 +120,17 @@ class _Notifier:
         assert self._ready is not None
         await asyncio.shield(self._ready)
 
-    def watch(self, channel: bytes) -> asyncio.Future[bytes]:
+    def watch(self, digest: bytes) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(channel, set()).add(future)
+        self._waiters.setdefault(digest, set()).add(future)
         return future
 
-    def unwatch(self, channel: bytes, future: asyncio.Future[bytes]) -> None:
-        futures = self._waiters.get(channel)
+    def unwatch(self, digest: bytes, future: asyncio.Future[bytes]) -> None:
+        futures = self._waiters.get(digest)
         if futures is not None:
             futures.discard(future)
             if not futures:
-                del self._waiters[channel]
+                del self._waiters[digest]
 
     async def _read(self) -> None:
         ready = self._ready
@@ -132,17 +138,18 @@ class _Notifier:
         pubsub = self._client.pubsub()
         self._pubsub = pubsub
         try:
-            await pubsub.psubscribe(self._pattern)
+            await pubsub.subscribe(self._channel)
             while True:
                 message = await pubsub.get_message(timeout=None)
                 if message is None:
                     continue
-                if message["type"] == "psubscribe" and not ready.done():
+                if message["type"] == "subscribe" and not ready.done():
                     ready.set_result(None)
-                elif message["type"] == "pmessage":
-                    for future in self._waiters.pop(message["channel"], ()):
+                elif message["type"] == "message":
+                    digest, _, outcome = bytes(message["data"]).partition(b" ")
+                    for future in self._waiters.pop(digest, ()):
                         if not future.done():
-                            future.set_result(message["data"])
+                            future.set_result(outcome)
         except asyncio.CancelledError:
             raise
         except DRIVER_ERRORS as exc:
@@ -169,7 +176,7 @@ class FleetCoalescer:
     takes over; a live leader renews it every third of that. ``max_wait_seconds``
     bounds how long a waiter waits in all before computing by itself. Keys are
     ``{key_prefix}:lease:{digest}`` (plus ``:w`` for the waiter marker) and the
-    notification channel ``{key_prefix}:lease-done:{digest}``.
+    notification channel ``{key_prefix}:lease-done`` (messages ``<digest> <outcome>``).
     """
 
     def __init__(
@@ -190,7 +197,8 @@ class FleetCoalescer:
         self._try_lease = client.register_script(TRY_LEASE)
         self._renew_lease = client.register_script(RENEW_LEASE)
         self._release_lease = client.register_script(RELEASE_LEASE)
-        self._notifier = _Notifier(client, f"{key_prefix}:lease-done:*")
+        self._channel = f"{key_prefix}:lease-done"
+        self._notifier = _Notifier(client, self._channel)
         self.led = 0
         """Computations this process ran as the fleet's leader."""
         self.waited = 0
@@ -220,7 +228,7 @@ class FleetCoalescer:
         """
         lease_key = f"{self._prefix}:lease:{digest}"
         marker_key = f"{lease_key}:w"
-        channel = f"{self._prefix}:lease-done:{digest}".encode()
+        watched = digest.encode()
         token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._max_wait
@@ -228,7 +236,7 @@ class FleetCoalescer:
             return await compute()
         tried = False
         while True:
-            notified = self._notifier.watch(channel)
+            notified = self._notifier.watch(watched)
             try:
                 remaining: Any = await self._guard.call(
                     lambda: self._try_lease(
@@ -241,7 +249,7 @@ class FleetCoalescer:
                 if remaining == -1:
                     if tried:
                         self.took_over += 1
-                    return await self._lead(lease_key, marker_key, channel, token, lookup, compute)
+                    return await self._lead(lease_key, marker_key, digest, token, lookup, compute)
                 tried = True
                 found = await lookup()
                 if found is not None:
@@ -263,14 +271,14 @@ class FleetCoalescer:
                         self.waited += 1
                         return found
             finally:
-                self._notifier.unwatch(channel, notified)
+                self._notifier.unwatch(watched, notified)
                 notified.cancel()
 
     async def _lead(
         self,
         lease_key: str,
         marker_key: str,
-        channel: bytes,
+        digest: str,
         token: str,
         lookup: Callable[[], Awaitable[T | None]],
         compute: Callable[[], Awaitable[T]],
@@ -292,7 +300,8 @@ class FleetCoalescer:
             renewer.cancel()
             await self._guard.call(
                 lambda: self._release_lease(
-                    keys=[lease_key, marker_key], args=[token, channel, outcome]
+                    keys=[lease_key, marker_key],
+                    args=[token, self._channel, digest.encode() + b" " + outcome],
                 ),
                 None,
             )
