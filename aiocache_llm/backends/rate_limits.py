@@ -2,7 +2,9 @@
 
 :class:`AcquireQueues` keeps, per user, the ``acquire`` calls of this process that
 wait for budget, in arrival order; the backend only has to answer "grant now, or in
-how many seconds would these tokens fit".
+how many seconds would these tokens fit". :data:`FailureMode` is what a limiter that
+talks to a server does when the server cannot answer (the memory limiter does no
+I/O, so it has no such policy).
 """
 
 from __future__ import annotations
@@ -11,11 +13,27 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Literal, cast, get_args
 
 from aiocache_llm.core.config import RateLimitConfig
-from aiocache_llm.core.errors import InvalidInputTypeError, RateLimitExceeded
+from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError, RateLimitExceeded
 
-__all__ = ["AcquireQueues", "Attempt", "check_config", "over_budget", "timed_out"]
+__all__ = [
+    "AcquireQueues",
+    "Attempt",
+    "FailureMode",
+    "backend_down",
+    "check_config",
+    "check_failure_mode",
+    "over_budget",
+    "timed_out",
+]
+
+FailureMode = Literal["open", "closed", "raise"]
+"""What a limiter answers when its backend cannot: grant (``"open"``), refuse
+(``"closed"``) or raise the :class:`BackendError` (``"raise"``)."""
+
+_FAILURE_MODES: tuple[str, ...] = get_args(FailureMode)
 
 Attempt = Callable[[bool], Awaitable[float | None]]
 """``attempt(consume)`` asks a backend about one request of a fixed size.
@@ -35,6 +53,17 @@ def check_config(config: object) -> RateLimitConfig:
     return config
 
 
+def check_failure_mode(value: object) -> FailureMode:
+    """Return ``value`` if it is one of the :data:`FailureMode` strings."""
+    if not isinstance(value, str):
+        raise InvalidInputTypeError(
+            f"failure_mode must be a str ('open', 'closed' or 'raise'), got {type(value).__name__}"
+        )
+    if value not in _FAILURE_MODES:
+        raise InvalidInputError(f"failure_mode must be 'open', 'closed' or 'raise', got {value!r}")
+    return cast(FailureMode, value)
+
+
 def over_budget(user_id: str, tokens: int, config: RateLimitConfig) -> RateLimitExceeded:
     """The error of an ``acquire`` whose tokens alone exceed the budget: it can never fit."""
     return RateLimitExceeded(
@@ -52,6 +81,16 @@ def timed_out(
     return RateLimitExceeded(
         f"{tokens} tokens did not fit in the budget of user {user_id!r} within "
         f"timeout={timeout} s; they would fit in {retry_after:.3f} s",
+        retry_after=retry_after,
+        user_id=user_id,
+    )
+
+
+def backend_down(user_id: str, tokens: int, retry_after: float) -> RateLimitExceeded:
+    """The error of a fail-closed limiter that could not ask its backend about ``tokens``."""
+    return RateLimitExceeded(
+        f"{tokens} tokens refused to user {user_id!r}: the rate limiter cannot reach its "
+        f"backend and fails closed; retry in {retry_after:g} s",
         retry_after=retry_after,
         user_id=user_id,
     )

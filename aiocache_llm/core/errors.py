@@ -65,9 +65,10 @@ class RateLimitExceeded(AiocacheLLMError):
     """A rate limiter refused tokens.
 
     ``retry_after`` is the number of seconds after which the same request could be
-    granted if nothing else consumes budget meanwhile, or ``None`` when it can never
-    be granted (the request alone exceeds the budget). ``user_id`` names whose budget
-    refused, when known.
+    granted if nothing else consumes budget meanwhile (or, from the gateway's check
+    that does not wait, an upper bound: one window), or ``None`` when it can never be
+    granted (the request alone exceeds the budget) or nobody can tell. ``user_id``
+    names whose budget refused, when known.
     """
 
     def __init__(

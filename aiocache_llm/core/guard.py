@@ -152,19 +152,23 @@ class BackendGuard:
         self._consecutive_failures = 0
         if self._state is not BreakerState.CLOSED:
             self._state = BreakerState.CLOSED
-            logger.info("%s is answering again: caching resumed", self.name)
+            logger.info("%s is answering again", self.name)
 
     def _on_failure(self, exc: BaseException) -> None:
         self.errors += 1
         self._consecutive_failures += 1
         reason = _describe(exc)
-        if self._state is BreakerState.HALF_OPEN:
+        if self._state is BreakerState.OPEN:
+            # a call that was in flight when the breaker opened: count it, nothing more
+            # (re-opening would restart the skip period and log the same outage again)
+            logger.debug("%s call failed while skipped: %s", self.name, reason)
+        elif self._state is BreakerState.HALF_OPEN:
             self._open()
             logger.debug("%s probe failed (%s); skipping it again", self.name, reason)
         elif self._consecutive_failures >= self._threshold:
             self._open()
             logger.warning(
-                "%s failing (%s): skipping it for %.1f s, answering from the provider",
+                "%s failing (%s): skipping it for %.1f s",
                 self.name,
                 reason,
                 self._reset_after,

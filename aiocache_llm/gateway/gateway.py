@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.backends.redis.exact_cache import RedisExactCache
+from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
 from aiocache_llm.coalescing.fleet import FleetCoalescer
 from aiocache_llm.coalescing.single_flight import SingleFlight
 from aiocache_llm.core.deadline import deadline
@@ -98,8 +99,17 @@ class InferenceGateway(AsyncResource):
     the usage the answer reports afterwards (refunded when the limiter has
     ``refund``). ``rate_limit_timeout`` is how long a call may wait for budget (0 =
     refuse at once with :class:`RateLimitExceeded`, None = wait as long as it takes).
-    ``on_limiter_error`` says what to do when the limiter itself is unreachable:
-    ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed).
+    ``on_limiter_error`` says what to do when a limiter call fails (raises anything
+    but :class:`RateLimitExceeded`, or overruns the gateway's deadline):
+    ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed). A
+    :class:`RedisRateLimiter` applies its own ``failure_mode`` first and raises only
+    with ``failure_mode="raise"``: build it so to let ``on_limiter_error`` decide
+    (and count its failures in this gateway's ``backend_errors``); with "open" or
+    "closed" it answers an outage itself and counts it in its own
+    ``stats().backend_errors``. ``on_limiter_error="deny"`` with a fail-open limiter
+    would never deny, so it is refused. The gateway's deadline for such a limiter is
+    extended by the limiter's ``operation_timeout``, so that on a frozen Redis the
+    limiter's policy, not the deadline, decides.
 
     With no cache given, a private :class:`MemoryExactCache` is used (closed with
     the gateway); caches passed in belong to the caller and are not closed.
@@ -146,6 +156,16 @@ class InferenceGateway(AsyncResource):
                 f"on_limiter_error must be 'allow' or 'deny', got {on_limiter_error!r}"
             )
         self._deny_when_limiter_down = on_limiter_error == "deny"
+        if (
+            self._deny_when_limiter_down
+            and isinstance(rate_limiter, RedisRateLimiter)
+            and rate_limiter.failure_mode == "open"
+        ):
+            raise InvalidInputError(
+                "on_limiter_error='deny' never applies to a RedisRateLimiter with "
+                "failure_mode='open' (it grants when Redis is down): build the limiter "
+                "with failure_mode='closed' or 'raise'"
+            )
         self._promote = bool(promote_semantic_hits)
         self._anonymous = check_id("anonymous_user", anonymous_user)
 
@@ -189,6 +209,13 @@ class InferenceGateway(AsyncResource):
             limiter_timeout = None
         elif rate_limit_timeout:
             limiter_timeout = rate_limit_timeout + backend_timeout
+        if (
+            limiter_timeout is not None
+            and isinstance(rate_limiter, RedisRateLimiter)
+            and rate_limiter.failure_mode != "raise"
+        ):
+            # it bounds its own round trips and answers by its policy: ours is a backstop
+            limiter_timeout += rate_limiter.operation_timeout or 0.0
         self._limiter_guard = guard("rate limiter", limiter_timeout)
         self._fleet: FleetCoalescer | None = None
         if fleet_coalescing and isinstance(self._exact, RedisExactCache):
@@ -471,9 +498,12 @@ class InferenceGateway(AsyncResource):
             return 0
         if not granted:
             self._rate_limited += 1
+            # a check that does not wait cannot say when; one window is an upper bound
+            config = getattr(limiter, "config", None)
+            window = getattr(config, "window_seconds", None)
             raise RateLimitExceeded(
                 f"user {user!r} is over the token budget ({tokens} tokens requested)",
-                retry_after=None,
+                retry_after=float(window) if isinstance(window, (int, float)) else None,
                 user_id=user,
             )
         return tokens

@@ -33,6 +33,7 @@ from aiocache_llm import (
     RateLimitExceeded,
     RedisRateLimiter,
 )
+from aiocache_llm.backends.rate_limits import FailureMode
 from tests.conftest import REDIS_URL, Backend, FakeClock
 
 pytestmark = pytest.mark.timeout(30)
@@ -40,6 +41,10 @@ pytestmark = pytest.mark.timeout(30)
 USER = "alice"
 
 Factory = Callable[..., AsyncRateLimiter]
+
+STRICT: dict[str, Any] = {"failure_mode": "raise", "operation_timeout": None}
+"""Redis limiters of the contract tests: these check the window, not the outage policy, so a
+shared server slowed down by other tests must slow them down, never make a check fail open."""
 
 
 @pytest.fixture
@@ -57,7 +62,10 @@ async def make_limiter(backend: Backend) -> AsyncIterator[Factory]:
             limiter = MemoryRateLimiter(config, clock=None if loop_clock else backend.clock)
         else:
             limiter = RedisRateLimiter(
-                client=backend.redis.client, key_prefix=backend.redis.prefix, config=config
+                client=backend.redis.client,
+                key_prefix=backend.redis.prefix,
+                config=config,
+                **STRICT,
             )
         made.append(limiter)
         return limiter
@@ -289,7 +297,10 @@ async def test_concurrent_checks_grant_exactly_the_budget(
             clients.append(client)
             limiters.append(
                 RedisRateLimiter(
-                    client=client, key_prefix=backend.redis.prefix, config=RateLimitConfig(50)
+                    client=client,
+                    key_prefix=backend.redis.prefix,
+                    config=RateLimitConfig(50),
+                    **STRICT,
                 )
             )
     calls = [limiters[i % len(limiters)].check_and_consume(USER) for i in range(200)]
@@ -676,6 +687,7 @@ async def test_limiters_on_one_prefix_share_the_budget(
         client=backend.redis.client,
         key_prefix=backend.redis.prefix,
         config=RateLimitConfig(10, 0.4),
+        **STRICT,
     )
     async with other:
         assert await redis_limiter.check_and_consume(USER, 6)
@@ -696,17 +708,146 @@ async def test_a_lost_meta_hash_is_rebuilt_from_the_log(
     assert await redis_limiter.check_and_consume(USER, 4)
 
 
-async def test_unreachable_redis_raises_backend_unavailable_and_is_counted(
-    backend: Backend,
-) -> None:
-    if backend.is_memory:
+async def test_foreign_keys_of_one_user_leave_the_other_users_alone(backend: Backend) -> None:
+    """A key of another type answers that user by the policy; it is no Redis failure."""
+    if backend.redis is None:
         pytest.skip("Redis backends only")
-    limiter = RedisRateLimiter(url="redis://127.0.0.1:1/0", config=RateLimitConfig(10))
+    client = backend.redis.client
+    limiter = RedisRateLimiter(
+        client=client,
+        key_prefix=backend.redis.prefix,
+        config=RateLimitConfig(10),
+        failure_mode="closed",
+        breaker_threshold=2,
+    )
     async with limiter:
-        with pytest.raises(BackendUnavailableError, match="check_and_consume"):
-            await limiter.check_and_consume(USER, 1)
+        await client.set(limiter.keys("mallory")[0], b"not a grant log")
+        for _ in range(5):
+            assert await limiter.check_and_consume("mallory", 1) is False
+        assert "breaker=closed" in repr(limiter)
+        assert await limiter.check_and_consume(USER, 3) is True
+        stats = await limiter.stats()
+        assert (stats.granted, stats.refused, stats.backend_errors) == (1, 5, 5)
+        await limiter.reset("mallory")  # deletes whatever is there: the user is healed
+        assert await limiter.check_and_consume("mallory", 10) is True
+
+
+async def test_log_members_that_are_not_grants_count_for_nothing(
+    redis_limiter: RedisRateLimiter, backend: Backend
+) -> None:
+    assert backend.redis is not None
+    log, _ = redis_limiter.keys(USER)
+    await backend.redis.client.zadd(log, {b"not-a-grant": 1e18, b"12:x": 5})
+    assert await redis_limiter.check_and_consume(USER, 4) is True
+    assert await redis_limiter.get_remaining(USER) == 6
+    assert await redis_limiter.refund(USER, 10) == 4  # the foreign members are dropped
+    assert await backend.redis.client.zcard(log) == 0
+    assert await redis_limiter.get_remaining(USER) == 10
+    assert (await redis_limiter.stats()).backend_errors == 0
+
+
+# Redis only: what the limiter answers when Redis cannot (failure_mode)
+
+DEAD_URL = "redis://127.0.0.1:1/0"  # port 1: nothing listens, connections are refused
+
+
+def dead_limiter(mode: FailureMode, **options: Any) -> RedisRateLimiter:
+    return RedisRateLimiter(url=DEAD_URL, config=RateLimitConfig(10), failure_mode=mode, **options)
+
+
+async def test_failure_mode_defaults_to_open() -> None:
+    async with RedisRateLimiter(url=DEAD_URL, config=RateLimitConfig(10)) as limiter:
+        assert limiter.failure_mode == "open"
+        assert limiter.operation_timeout == 0.5
+        assert "failure_mode='open'" in repr(limiter)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "named"),
+    [
+        ({"failure_mode": "OPEN"}, InvalidInputError, "failure_mode"),
+        ({"failure_mode": "allow"}, InvalidInputError, "failure_mode"),
+        ({"failure_mode": ""}, InvalidInputError, "failure_mode"),
+        ({"failure_mode": None}, InvalidInputTypeError, "failure_mode"),
+        ({"failure_mode": True}, InvalidInputTypeError, "failure_mode"),
+        ({"operation_timeout": 0}, InvalidInputError, "operation_timeout"),
+        ({"operation_timeout": math.nan}, InvalidInputError, "operation_timeout"),
+        ({"breaker_threshold": 0}, InvalidInputError, "breaker_threshold"),
+        ({"breaker_reset_after": -1}, InvalidInputError, "breaker_reset_after"),
+    ],
+    ids=["upper", "gateway-word", "empty", "none", "bool", "timeout-zero", "timeout-nan",
+         "threshold-zero", "reset-negative"],
+)  # fmt: skip
+async def test_bad_failure_options_fail_at_construction(
+    options: dict[str, Any], error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error, match=named):
+        RedisRateLimiter(url=DEAD_URL, config=RateLimitConfig(10), **options)
+
+
+async def test_unreachable_redis_fails_open_by_policy_and_counts_it() -> None:
+    async with dead_limiter("open") as limiter:
+        started = time.perf_counter()
+        assert await limiter.check_and_consume(USER, 3) is True
+        assert await limiter.get_remaining(USER) == 10
+        await limiter.acquire(USER, 4, timeout=1)
+        assert await limiter.refund(USER, 2) == 0
+        with pytest.raises(BackendUnavailableError, match="reset"):
+            await limiter.reset(USER)
+        assert time.perf_counter() - started < 2.0  # refused connections: no waiting
+        stats = await limiter.stats()
+    assert (stats.granted, stats.granted_tokens, stats.refused) == (2, 7, 0)
+    assert (stats.refunded_tokens, stats.backend_errors) == (0, 5)
+
+
+async def test_unreachable_redis_fails_closed_by_policy_and_counts_it() -> None:
+    async with dead_limiter("closed", breaker_reset_after=2.5) as limiter:
+        assert await limiter.check_and_consume(USER, 3) is False
+        assert await limiter.get_remaining(USER) == 0
+        with pytest.raises(RateLimitExceeded, match="cannot reach") as caught:
+            await limiter.acquire(USER, 4, timeout=5)
+        assert caught.value.retry_after == 2.5  # when the breaker asks Redis again
+        assert caught.value.user_id == USER
+        assert "waiting=0" in repr(limiter)
+        assert await limiter.refund(USER, 2) == 0
         with pytest.raises(BackendUnavailableError, match="reset"):
             await limiter.reset(USER)
         stats = await limiter.stats()
-        assert (stats.granted, stats.refused, stats.backend_errors) == (0, 0, 2)
-        assert "backend_errors=2" in repr(limiter)
+    assert (stats.granted, stats.refused, stats.backend_errors) == (0, 2, 5)
+
+
+async def test_unreachable_redis_raises_backend_unavailable_by_policy_and_counts_it() -> None:
+    async with dead_limiter("raise") as limiter:
+        with pytest.raises(BackendUnavailableError, match="check_and_consume"):
+            await limiter.check_and_consume(USER, 1)
+        with pytest.raises(BackendUnavailableError, match="get_remaining"):
+            await limiter.get_remaining(USER)
+        with pytest.raises(BackendUnavailableError, match="acquire"):
+            await limiter.acquire(USER, 1, timeout=1)
+        assert "waiting=0" in repr(limiter)
+        with pytest.raises(BackendUnavailableError, match="refund"):
+            await limiter.refund(USER, 1)
+        with pytest.raises(BackendUnavailableError, match="reset"):
+            await limiter.reset(USER)
+        stats = await limiter.stats()
+        assert (stats.granted, stats.refused, stats.backend_errors) == (0, 0, 5)
+        assert "backend_errors=5" in repr(limiter)
+
+
+async def test_the_breaker_stops_asking_a_dead_redis(caplog: pytest.LogCaptureFixture) -> None:
+    """After ``breaker_threshold`` failures calls are answered without a connection attempt."""
+    async with dead_limiter("raise", breaker_threshold=2, breaker_reset_after=60) as limiter:
+        errors = []
+        for _ in range(6):
+            with pytest.raises(BackendUnavailableError) as caught:
+                await limiter.check_and_consume(USER, 1)
+            errors.append(str(caught.value))
+        assert all("ConnectionError" in e for e in errors[:2])
+        assert all("not sent" in e and "circuit breaker" in e for e in errors[2:])
+        assert "breaker=open" in repr(limiter)
+        assert (await limiter.stats()).backend_errors == 6
+    outages = [r for r in caplog.records if r.name == "aiocache_llm.rate_limiter"]
+    assert len(outages) == 1, "one log line per outage, not one per call"
+    assert outages[0].levelname == "WARNING"
+    assert "failure_mode='raise'" in outages[0].getMessage()
+    assert USER not in outages[0].getMessage()

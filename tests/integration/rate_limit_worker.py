@@ -40,7 +40,11 @@ async def hammer(limiter: RedisRateLimiter, user: str, rng: random.Random) -> di
 async def main(url: str, prefix: str, user: str, budget: int, window: float, coroutines: int,
                seed: int) -> None:  # fmt: skip
     config = RateLimitConfig(budget, window)
-    async with RedisRateLimiter(url=url, key_prefix=prefix, config=config) as limiter:
+    # exactness under test: an outage must raise, never be answered by a fail-open policy
+    limiter = RedisRateLimiter(
+        url=url, key_prefix=prefix, config=config, failure_mode="raise", operation_timeout=None
+    )
+    async with limiter:
         await limiter.get_remaining(f"{user}-warm-up")  # connect and load the script
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)

@@ -369,12 +369,6 @@ async def test_limiter_keys_of_another_type_fail_as_backend_errors(
     await limiter.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a member of a user's grant log without a ':<tokens>' suffix makes CONSUME "
-    "and REFUND fail (Lua arithmetic on nil): that user's limiter is broken, fail-open "
-    "unmetered, until the keys are reset",
-)
 async def test_a_foreign_member_in_a_grant_log_does_not_break_the_user(
     target: RedisTarget,
 ) -> None:
@@ -392,12 +386,6 @@ async def test_a_foreign_member_in_a_grant_log_does_not_break_the_user(
         await limiter.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a WRONGTYPE on one user's keys counts as a Redis failure: three of them open "
-    "the limiter's circuit breaker for every user (fail-open: all unmetered, "
-    "fail-closed: all refused) for breaker_reset_after seconds",
-)
 async def test_one_users_foreign_key_does_not_trip_the_limiter_for_everyone(
     target: RedisTarget,
 ) -> None:

@@ -83,6 +83,10 @@ class MemoryRateLimiter(AsyncResource):
     :class:`AcquireQueues`); while some wait for budget, ``check_and_consume`` for
     that user refuses rather than take the budget they wait for, and
     ``get_remaining`` still reports the free budget of the window.
+
+    It does no I/O, so it has no ``failure_mode`` (see :class:`RedisRateLimiter`):
+    nothing can fail but bad input (raised before any change) and use after
+    ``aclose()``.
     """
 
     def __init__(self, config: RateLimitConfig, *, clock: Clock | None = None) -> None:

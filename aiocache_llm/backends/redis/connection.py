@@ -52,6 +52,20 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def _pool_options() -> dict[str, Any]:
+    """Options for pools we build that only some redis-py versions know."""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py < 7: no maintenance notifications, nothing to turn off
+        return {}
+    # with notifications on ("auto" by default), redis-py hands out idle pooled sockets
+    # without checking them: after a server restart each would fail its next command
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
+_POOL_OPTIONS = _pool_options()
+
+
 def backend_error(exc: BaseException, operation: str) -> BackendError:
     """Return the library error for a driver error raised during ``operation``."""
     message = f"redis {operation} failed: {type(exc).__name__}: {exc}"
@@ -98,6 +112,7 @@ class RedisBackend(AsyncResource):
                     # never resend a command whose reply was lost: a chat append or a
                     # limiter grant would be applied twice (failures are handled above us)
                     retry=Retry(NoBackoff(), 0),
+                    **_POOL_OPTIONS,
                 )
                 self._redis = Redis.from_pool(pool)
             except ValueError as exc:

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from aiocache_llm.backends.rate_limits import AcquireQueues, check_config, over_budget, timed_out
+from aiocache_llm.backends.rate_limits import (
+    AcquireQueues,
+    FailureMode,
+    backend_down,
+    check_config,
+    check_failure_mode,
+    over_budget,
+    timed_out,
+)
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
 from aiocache_llm.core.config import RateLimitConfig
+from aiocache_llm.core.errors import BackendError, BackendUnavailableError, RateLimitExceeded
+from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.stats import RateLimiterStats
 from aiocache_llm.core.validation import (
     check_id,
     check_optional_positive_number,
     check_positive_int,
+    check_positive_number,
 )
 
 __all__ = ["RedisRateLimiter"]
+
+logger = logging.getLogger("aiocache_llm.rate_limiter")
+
+T = TypeVar("T")
 
 CONSUME = """
 -- Purge a user's expired grants, then grant tokens if they fit, or tell when they would.
@@ -32,7 +52,8 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
 local function tokens_of(member)
-    return tonumber(string.match(member, ':(%d+)$'))
+    -- a member this script did not write counts for nothing (it never was a grant)
+    return tonumber(string.match(member, ':(%d+)$')) or 0
 end
 
 -- a grant made at t counts while now < t + window
@@ -106,7 +127,8 @@ REFUND = """
 -- Give back tokens from a user's newest grants (a call used fewer than it reserved).
 -- KEYS[1] grant log (see CONSUME), KEYS[2] meta hash
 -- ARGV[1] tokens to give back
--- returns the tokens given back: at most what the log holds
+-- returns the tokens given back: at most what the log holds (members that are not
+-- grants, written by someone else, are dropped on the way and give nothing)
 local left = tonumber(ARGV[1])
 local given = 0
 while left > 0 do
@@ -118,7 +140,9 @@ while left > 0 do
     local head, tokens = string.match(member, '^(.*):(%d+)$')
     tokens = tonumber(tokens)
     redis.call('ZREM', KEYS[1], member)
-    if tokens > left then
+    if tokens == nil then
+        -- not a grant (CONSUME never wrote it): dropped, nothing to give back
+    elseif tokens > left then
         -- the grant keeps its time and shrinks, as if the request had been smaller
         redis.call('ZADD', KEYS[1], score, head .. ':' .. (tokens - left))
         given = given + left
@@ -136,6 +160,35 @@ return given
 
 _TAG_SPECIAL = frozenset("%{}")
 _TAG_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+_NO_ANSWER = object()
+
+
+class _DataError:
+    """A reply refusing one user's keys (WRONGTYPE, a script failing on foreign data).
+
+    The server answered, so it is healthy: returned through the guard instead of raised,
+    so that one user's bad keys never open the breaker for every user.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BackendError) -> None:
+        self.error = error
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    # OOM, READONLY, NOPERM and the like are their own subclasses: the server's state
+    if type(exc) is not redis_errors.ResponseError:
+        return False
+    message = str(exc)
+    return message.startswith("WRONGTYPE") or "user_script" in message
+
+
+_POLICY_WORDS = {
+    "open": "granting every request unmetered (failure_mode='open')",
+    "closed": "refusing every request (failure_mode='closed')",
+    "raise": "raising BackendUnavailableError (failure_mode='raise')",
+}
 
 
 class RedisRateLimiter(RedisBackend):
@@ -163,8 +216,51 @@ class RedisRateLimiter(RedisBackend):
     nothing; one during the round trip may leave the tokens granted (counted
     against the user, never over the budget).
 
-    Driver errors become :class:`BackendUnavailableError`/:class:`BackendError` and
-    are counted in ``stats().backend_errors``; granted/refused counts are this
+    **When Redis cannot answer** (refused connection, error, no reply within
+    ``operation_timeout`` seconds, or skipped while the circuit breaker is open),
+    ``failure_mode`` decides:
+
+    =============  =====================  ========================  ===================
+    failure_mode   ``check_and_consume``  ``acquire``               ``get_remaining``
+    =============  =====================  ========================  ===================
+    ``"open"``     True                   returns (granted)         the whole budget
+    ``"closed"``   False                  raises RateLimitExceeded  0
+    ``"raise"``    raises BackendError    raises BackendError       raises BackendError
+    =============  =====================  ========================  ===================
+
+    Fail-open, the default, keeps an application answering through a Redis outage,
+    unmetered; fail-closed protects a paid API at the price of refusing everyone
+    meanwhile (``retry_after`` = ``breaker_reset_after``, when Redis is asked
+    again); "raise" leaves the decision to the caller (the :class:`BackendError`
+    subclass :class:`BackendUnavailableError` for an unreachable or silent server).
+    ``refund`` gives nothing back in the open and closed modes (the user stays
+    charged, the safe side); ``reset`` is an explicit write whose caller must know
+    it failed, so it raises in every mode. Each of these events counts once in
+    ``stats().backend_errors`` (an open or closed answer also in ``granted`` or
+    ``refused``), and the outage is logged once when it starts (WARNING, naming the
+    policy) and once when Redis answers again (INFO), never per call; no user id or
+    text is logged.
+
+    Data under a user's keys that this limiter did not write is handled per user: a
+    member of the grant log that is not a grant counts for nothing (a refund drops
+    it), a key of another type makes that user's calls answer by ``failure_mode``
+    (``reset`` deletes both keys and heals the user); neither counts as Redis
+    failing, so other users are not affected.
+
+    Every round trip runs behind a :class:`BackendGuard`: a deadline of
+    ``operation_timeout`` seconds (None = only the client's socket timeout), so a
+    frozen server cannot hold a check for the 5 s socket timeout, and a circuit
+    breaker that after ``breaker_threshold`` consecutive failures stops asking Redis
+    for ``breaker_reset_after`` seconds (answering by the policy at once), then lets
+    one probe through. A check that timed out after its script was sent may still
+    have been granted on the server: counted against the user, never over the budget.
+    The default timeout (0.5 s) is hundreds of times a healthy round trip.
+
+    A Redis that evicts keys under memory pressure (``maxmemory`` with an
+    ``allkeys-*`` or ``volatile-*`` policy: these keys carry a TTL) may drop a
+    user's grants, and that user's window silently starts empty again. Give the
+    limiter a Redis that does not evict (``noeviction``): there memory pressure is
+    an error, which ``failure_mode`` handles. Granted/refused counts are this
     process's.
     """
 
@@ -175,14 +271,32 @@ class RedisRateLimiter(RedisBackend):
         client: Redis | None = None,
         config: RateLimitConfig,
         key_prefix: str = "aiocache_llm:ratelimit",
+        failure_mode: FailureMode = "open",
+        operation_timeout: float | None = 0.5,
+        breaker_threshold: int = 3,
+        breaker_reset_after: float = 5.0,
     ) -> None:
         self._config = check_config(config)
+        self._failure_mode: FailureMode = check_failure_mode(failure_mode)
+        self._operation_timeout = check_optional_positive_number(
+            "operation_timeout", operation_timeout
+        )
+        check_positive_int("breaker_threshold", breaker_threshold)
+        self._retry_after = check_positive_number("breaker_reset_after", breaker_reset_after)
         self._budget = config.budget
         self._window_us = max(1, round(config.window_seconds * 1_000_000))
         super().__init__(url=url, client=client, key_prefix=key_prefix)
+        self._guard = BackendGuard(
+            f"rate limiter {self._prefix!r}",
+            timeout=self._operation_timeout,
+            failure_threshold=breaker_threshold,
+            reset_after=breaker_reset_after,
+        )
         self._consume = self._redis.register_script(CONSUME)
         self._refund = self._redis.register_script(REFUND)
         self._queues = AcquireQueues(self._check_open, jitter=True)
+        self._outage = False
+        self._answers = 0  # round trips answered: tells a stale failure from an outage
         self._granted = 0
         self._granted_tokens = 0
         self._refunded_tokens = 0
@@ -193,6 +307,7 @@ class RedisRateLimiter(RedisBackend):
         return (
             f"RedisRateLimiter(key_prefix={self._prefix!r}, budget={self._budget}, "
             f"window_seconds={self._config.window_seconds:g}, "
+            f"failure_mode={self._failure_mode!r}, breaker={self._guard.state.value}, "
             f"waiting={self._queues.waiting}, granted={self._granted}, "
             f"refused={self._refused}, backend_errors={self._backend_errors})"
         )
@@ -201,6 +316,16 @@ class RedisRateLimiter(RedisBackend):
     def config(self) -> RateLimitConfig:
         """The budget and window this limiter enforces."""
         return self._config
+
+    @property
+    def failure_mode(self) -> FailureMode:
+        """What this limiter answers when Redis cannot: ``"open"``, ``"closed"`` or ``"raise"``."""
+        return self._failure_mode
+
+    @property
+    def operation_timeout(self) -> float | None:
+        """Seconds one round trip may take before Redis counts as not answering."""
+        return self._operation_timeout
 
     def keys(self, user_id: str) -> tuple[bytes, bytes]:
         """Return the Redis keys of ``user_id``: its grant log and its meta hash.
@@ -220,13 +345,18 @@ class RedisRateLimiter(RedisBackend):
 
         One round trip, atomic on the server; none when ``tokens`` exceed the budget
         or ``acquire`` calls of this process wait for the user's budget (refused at
-        once). Bad arguments raise before any I/O.
+        once). Bad arguments raise before any I/O. When Redis cannot answer, returns
+        True (``failure_mode="open"``) or False (``"closed"``), or raises
+        :class:`BackendError` (``"raise"``).
         """
         self._check_open()
         keys = self.keys(user_id)
         check_positive_int("tokens", tokens)
         if tokens <= self._budget and not self._queues.blocked(user_id):
-            granted, _, _ = await self._run("check_and_consume", keys, tokens, grant=True)
+            try:
+                granted, _, _ = await self._run("check_and_consume", keys, tokens, grant=True)
+            except BackendError as exc:
+                granted = self._fail_open(exc)
             if granted:
                 self._granted += 1
                 self._granted_tokens += tokens
@@ -235,10 +365,17 @@ class RedisRateLimiter(RedisBackend):
         return False
 
     async def get_remaining(self, user_id: str) -> int:
-        """Return the tokens free in the user's window now; one round trip (it purges)."""
+        """Return the tokens free in the user's window now; one round trip (it purges).
+
+        When Redis cannot answer: the whole budget (``failure_mode="open"``), 0
+        (``"closed"``), or :class:`BackendError` raised (``"raise"``).
+        """
         self._check_open()
         keys = self.keys(user_id)
-        _, remaining, _ = await self._run("get_remaining", keys, 0)
+        try:
+            _, remaining, _ = await self._run("get_remaining", keys, 0)
+        except BackendError as exc:
+            return self._budget if self._fail_open(exc) else 0
         return remaining
 
     async def acquire(self, user_id: str, tokens: int, *, timeout: float | None = None) -> None:
@@ -246,7 +383,11 @@ class RedisRateLimiter(RedisBackend):
 
         Same contract as :meth:`MemoryRateLimiter.acquire`; each attempt is one
         round trip and attempts are spaced by the server's own estimate of when the
-        tokens fit, so a wait costs a handful of round trips, not a poll.
+        tokens fit, so a wait costs a handful of round trips, not a poll. When an
+        attempt finds Redis unable to answer, the call returns at once as granted
+        (``failure_mode="open"``), raises :class:`RateLimitExceeded` with
+        ``retry_after=breaker_reset_after`` (``"closed"``), or raises
+        :class:`BackendError` (``"raise"``).
         """
         self._check_open()
         keys = self.keys(user_id)
@@ -257,12 +398,21 @@ class RedisRateLimiter(RedisBackend):
             raise over_budget(user_id, tokens, self._config)
 
         async def attempt(consume: bool) -> float | None:
-            granted, _, wait_us = await self._run(
-                "acquire", keys, tokens, grant=consume, tell_wait=True
-            )
+            try:
+                granted, _, wait_us = await self._run(
+                    "acquire", keys, tokens, grant=consume, tell_wait=True
+                )
+            except BackendError as exc:
+                if self._fail_open(exc):
+                    return None
+                raise backend_down(user_id, tokens, self._retry_after) from exc
             return None if granted or not wait_us else wait_us / 1_000_000
 
-        retry_after = await self._queues.acquire(user_id, attempt, timeout)
+        try:
+            retry_after = await self._queues.acquire(user_id, attempt, timeout)
+        except RateLimitExceeded:
+            self._refused += 1
+            raise
         if retry_after is None:
             self._granted += 1
             self._granted_tokens += tokens
@@ -271,30 +421,33 @@ class RedisRateLimiter(RedisBackend):
         raise timed_out(user_id, tokens, timeout, retry_after)
 
     async def reset(self, user_id: str) -> None:
-        """Forget every grant of ``user_id`` (both keys deleted); one round trip."""
+        """Forget every grant of ``user_id`` (both keys deleted); one round trip.
+
+        Raises :class:`BackendError` when Redis cannot answer, whatever the
+        ``failure_mode``: a reset that did not happen must not pass for one.
+        """
         self._check_open()
         keys = self.keys(user_id)
-        try:
-            await self._redis.unlink(*keys)
-        except DRIVER_ERRORS as exc:
-            self._backend_errors += 1
-            raise backend_error(exc, "reset") from exc
+        await self._guarded("reset", lambda: self._redis.unlink(*keys))
         self._queues.nudge(user_id)
 
     async def refund(self, user_id: str, tokens: int) -> int:
         """Give back up to ``tokens`` of the user's newest grants; return how many.
 
         Same contract as :meth:`MemoryRateLimiter.refund`; one round trip running
-        :data:`REFUND`, atomic on the server, O(grants touched).
+        :data:`REFUND`, atomic on the server, O(grants touched). When Redis cannot
+        answer, gives nothing back (returns 0) unless ``failure_mode="raise"``.
         """
         self._check_open()
         keys = self.keys(user_id)
         check_positive_int("tokens", tokens)
         try:
-            given = int(await self._refund(keys=list(keys), args=[tokens]))
-        except DRIVER_ERRORS as exc:
-            self._backend_errors += 1
-            raise backend_error(exc, "refund") from exc
+            given = int(
+                await self._guarded("refund", lambda: self._refund(keys=list(keys), args=[tokens]))
+            )
+        except BackendError as exc:
+            self._fail_open(exc)
+            return 0
         self._refunded_tokens += given
         self._queues.nudge(user_id)
         return given
@@ -325,12 +478,77 @@ class RedisRateLimiter(RedisBackend):
         must expire); a refused ``check_and_consume`` stays O(log n + expired).
         """
         args = [self._budget, self._window_us, tokens, int(grant), int(tell_wait)]
-        try:
-            granted, remaining, wait_us = await self._consume(keys=list(keys), args=args)
-        except DRIVER_ERRORS as exc:
-            self._backend_errors += 1
-            raise backend_error(exc, operation) from exc
+        granted, remaining, wait_us = await self._guarded(
+            operation, lambda: self._consume(keys=list(keys), args=args)
+        )
         return int(granted), int(remaining), int(wait_us)
+
+    async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` behind the guard: its result, or :class:`BackendError` if no answer.
+
+        Not answering is the driver's error (mapped), no reply before the deadline, or
+        not being sent while the breaker is open. Every such failure is counted here,
+        once, whatever the policy then makes of it.
+        """
+        failures: list[BackendError] = []
+        started = False
+        answers_before = self._answers
+
+        async def run() -> T | _DataError:
+            nonlocal started
+            started = True
+            try:
+                return await call()
+            except DRIVER_ERRORS as exc:
+                error = backend_error(exc, operation)
+                if _is_data_error(exc):
+                    error.__cause__ = exc
+                    return _DataError(error)
+                failures.append(error)
+                raise error from exc
+            except Exception as exc:
+                failures.append(BackendError(f"redis {operation} failed: {exc!r}"))
+                raise failures[-1] from exc
+
+        result = await self._guard.call(run, _NO_ANSWER)
+        if result is not _NO_ANSWER:
+            self._answers += 1
+            if self._outage:
+                self._outage = False
+                logger.info("rate limiter %r reaches Redis again: budgets enforced", self._prefix)
+            if isinstance(result, _DataError):
+                self._backend_errors += 1
+                logger.debug("rate limiter %r: %s", self._prefix, result.error)
+                raise result.error
+            return result  # type: ignore[return-value]
+        self._backend_errors += 1
+        if failures:
+            error = failures[0]
+        elif started:
+            error = BackendUnavailableError(
+                f"redis {operation} failed: no reply within {self._operation_timeout} s"
+            )
+        else:
+            error = BackendUnavailableError(
+                f"redis {operation} not sent: Redis failed repeatedly, the circuit breaker "
+                f"asks again within {self._retry_after:g} s"
+            )
+        # a failure while other calls were answered is a lone or stale one, not an outage
+        if not self._outage and self._answers == answers_before:
+            self._outage = True
+            logger.warning(
+                "rate limiter %r cannot reach Redis (%s): %s until it answers",
+                self._prefix,
+                error,
+                _POLICY_WORDS[self._failure_mode],
+            )
+        raise error
+
+    def _fail_open(self, error: BackendError) -> bool:
+        """The policy's answer to ``error``: True = grant, False = refuse, or raise it ("raise")."""
+        if self._failure_mode == "raise":
+            raise error
+        return self._failure_mode == "open"
 
     async def _release(self) -> None:
         self._queues.wake_all()
