@@ -11,8 +11,8 @@ where redis-py spends most of its time per command.
   ``EVALSHA`` (no ``MULTI``): each run stays atomic on the server on its own.
 
 Cancellation: a cancelled caller stops waiting; its command may still run as part
-of a batch, and its result is dropped. A failed batch fails each of its callers
-with the mapped :class:`BackendError`.
+of a batch, and its result is dropped. A failed command (or batch) fails its callers
+with the mapped :class:`BackendError`, the driver's error as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _Batcher(Generic[Request]):
         try:
             return await self._send_one(request)
         except DRIVER_ERRORS as exc:
-            raise backend_error(exc, self.operation) from exc
+            raise backend_error(exc, self._operation_of(request)) from exc
         finally:
             self._in_flight = False
             self._send_queued()
@@ -80,8 +80,11 @@ class _Batcher(Generic[Request]):
         try:
             results = await self._send_many([request for request, _ in batch])
         except Exception as exc:
-            error = backend_error(exc, self.operation) if isinstance(exc, DRIVER_ERRORS) else exc
-            for _, future in batch:
+            for request, future in batch:
+                error = exc
+                if isinstance(exc, DRIVER_ERRORS):
+                    error = backend_error(exc, self._operation_of(request))
+                    error.__cause__ = exc
                 if not future.done():
                     future.set_exception(error)
         except BaseException:
@@ -89,16 +92,22 @@ class _Batcher(Generic[Request]):
                 future.cancel()
             raise
         else:
-            for (_, future), result in zip(batch, results, strict=True):
+            for (request, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, DRIVER_ERRORS):
-                    future.set_exception(backend_error(result, self.operation))
+                    error = backend_error(result, self._operation_of(request))
+                    error.__cause__ = result  # as ``raise ... from`` would on the lone path
+                    future.set_exception(error)
                 else:
                     future.set_result(result)
         finally:
             self._in_flight = False
             self._send_queued()
+
+    def _operation_of(self, request: Request) -> str:
+        """The operation an error of ``request`` is reported under."""
+        return self.operation
 
     async def _send_one(self, request: Request) -> Any:
         raise NotImplementedError
@@ -125,7 +134,11 @@ class GetBatcher(_Batcher[str]):
         return await self._redis.mget(requests)
 
 
-class ScriptBatcher(_Batcher[tuple[Sequence[Any], Sequence[Any]]]):
+ScriptRun = tuple[Sequence[Any], Sequence[Any], str]
+"""One run of a script: its keys, its arguments, the operation it serves."""
+
+
+class ScriptBatcher(_Batcher[ScriptRun]):
     """Concurrent runs of one Lua script leave as one pipeline of ``EVALSHA``.
 
     The script is loaded on first use and again whenever the server has lost it
@@ -138,26 +151,32 @@ class ScriptBatcher(_Batcher[tuple[Sequence[Any], Sequence[Any]]]):
         self.operation = operation
         self._script = redis.register_script(source)
 
-    async def run(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run the script once with ``keys`` and ``args``; raises :class:`BackendError`."""
-        return await self._submit((keys, args))
+    async def run(
+        self, keys: Sequence[Any], args: Sequence[Any], *, operation: str | None = None
+    ) -> Any:
+        """Run the script once with ``keys`` and ``args``; raises :class:`BackendError`.
 
-    async def _send_one(self, request: tuple[Sequence[Any], Sequence[Any]]) -> Any:
-        keys, args = request
+        ``operation`` names the caller's operation in error messages.
+        """
+        return await self._submit((keys, args, operation or self.operation))
+
+    def _operation_of(self, request: ScriptRun) -> str:
+        return request[2]
+
+    async def _send_one(self, request: ScriptRun) -> Any:
+        keys, args, _ = request
         # Script.__call__ loads the script and retries on NOSCRIPT by itself
         return await self._script(keys=keys, args=args)
 
-    async def _send_many(
-        self, requests: list[tuple[Sequence[Any], Sequence[Any]]]
-    ) -> Sequence[Any]:
+    async def _send_many(self, requests: list[ScriptRun]) -> Sequence[Any]:
         sha = self._script.sha
         async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in requests:
+            for keys, args, _ in requests:
                 pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         for index, result in enumerate(results):
             if isinstance(result, redis_errors.NoScriptError):
-                keys, args = requests[index]
+                keys, args, _ = requests[index]
                 try:
                     results[index] = await self._script(keys=keys, args=args)
                 except DRIVER_ERRORS as exc:

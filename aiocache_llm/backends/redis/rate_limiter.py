@@ -18,6 +18,7 @@ from aiocache_llm.backends.rate_limits import (
     over_budget,
     timed_out,
 )
+from aiocache_llm.backends.redis.batching import ScriptBatcher
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
 from aiocache_llm.core.config import RateLimitConfig
 from aiocache_llm.core.errors import BackendError, BackendUnavailableError, RateLimitExceeded
@@ -292,7 +293,8 @@ class RedisRateLimiter(RedisBackend):
             failure_threshold=breaker_threshold,
             reset_after=breaker_reset_after,
         )
-        self._consume = self._redis.register_script(CONSUME)
+        # concurrent checks leave as one pipeline; each still runs atomically on its own
+        self._consume = ScriptBatcher(self._redis, CONSUME, operation="check")
         self._refund = self._redis.register_script(REFUND)
         self._queues = AcquireQueues(self._check_open, jitter=True)
         self._outage = False
@@ -479,7 +481,7 @@ class RedisRateLimiter(RedisBackend):
         """
         args = [self._budget, self._window_us, tokens, int(grant), int(tell_wait)]
         granted, remaining, wait_us = await self._guarded(
-            operation, lambda: self._consume(keys=list(keys), args=args)
+            operation, lambda: self._consume.run(keys, args, operation=operation)
         )
         return int(granted), int(remaining), int(wait_us)
 
@@ -499,6 +501,12 @@ class RedisRateLimiter(RedisBackend):
             started = True
             try:
                 return await call()
+            except BackendError as exc:  # batched: already mapped, the driver's error as cause
+                cause = exc.__cause__
+                if cause is not None and _is_data_error(cause):
+                    return _DataError(exc)
+                failures.append(exc)
+                raise
             except DRIVER_ERRORS as exc:
                 error = backend_error(exc, operation)
                 if _is_data_error(exc):
