@@ -41,9 +41,10 @@ from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStat
 from aiocache_llm.core.values import LLMResponse, Usage
 from aiocache_llm.embedders import HashingEmbedder
 from aiocache_llm.gateway.decorator import CachedFunction, cached_completion
-from aiocache_llm.gateway.gateway import InferenceGateway, WarmFailure, WarmReport
+from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.stats import GatewayStats
 from aiocache_llm.gateway.tokens import estimate_tokens
+from aiocache_llm.gateway.warm import WarmFailure, WarmReport
 from aiocache_llm.protocols import (
     AsyncChatMemory,
     AsyncExactCache,

@@ -7,7 +7,6 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
@@ -32,12 +31,13 @@ from aiocache_llm.core.validation import (
     check_positive_int,
     check_positive_number,
 )
+from aiocache_llm.gateway.budget import TokenBudget
 from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
 from aiocache_llm.gateway.tokens import estimate_tokens as default_estimate_tokens
-from aiocache_llm.gateway.tokens import reported_tokens
+from aiocache_llm.gateway.warm import WarmReport, resolve_all
 from aiocache_llm.protocols import AsyncExactCache, AsyncRateLimiter, AsyncSemanticCache
 
-__all__ = ["InferenceGateway", "WarmFailure", "WarmReport"]
+__all__ = ["InferenceGateway"]
 
 logger = logging.getLogger("aiocache_llm.gateway")
 
@@ -46,23 +46,6 @@ ProviderCall = Callable[[], Awaitable[Any]]
 _UNAVAILABLE = object()
 # a coalesced caller refused by another user's budget retries this often, then leads alone
 _FOREIGN_REFUSAL_RETRIES = 3
-
-
-@dataclass(frozen=True)
-class WarmFailure:
-    """One query :meth:`InferenceGateway.warm` could not answer, and why."""
-
-    query: Query
-    error: BaseException
-
-
-@dataclass(frozen=True)
-class WarmReport:
-    """What :meth:`InferenceGateway.warm` did: answered, computed by the provider, failed."""
-
-    ok: int
-    computed: int
-    failed: tuple[WarmFailure, ...] = field(default=())
 
 
 def _provider_function(provider: Any) -> Callable[[Query], Awaitable[Any]] | None:
@@ -76,6 +59,34 @@ def _provider_function(provider: Any) -> Callable[[Query], Awaitable[Any]] | Non
     raise InvalidInputTypeError(
         "provider must be an async callable query -> answer, or have an async complete(query)"
     )
+
+
+class _Request:
+    """One resolve's miss path: its query and key, provider call, user and cache control.
+
+    ``read`` says the exact cache was read and missed (False when skipped or down).
+    """
+
+    __slots__ = ("call", "digest", "no_store", "query", "read", "ttl", "user")
+
+    def __init__(
+        self,
+        query: Query,
+        digest: str,
+        call: ProviderCall,
+        user: str,
+        ttl: float | None,
+        *,
+        no_store: bool,
+        read: bool,
+    ) -> None:
+        self.query = query
+        self.digest = digest
+        self.call = call
+        self.user = user
+        self.ttl = ttl
+        self.no_store = no_store
+        self.read = read
 
 
 class InferenceGateway(AsyncResource):
@@ -147,17 +158,16 @@ class InferenceGateway(AsyncResource):
         semantic_timeout = check_positive_number("semantic_timeout", semantic_timeout)
         check_positive_int("breaker_threshold", breaker_threshold)
         check_positive_number("breaker_reset_after", breaker_reset_after)
-        self._estimate_tokens = check_callable("estimate_tokens", estimate_tokens)
+        check_callable("estimate_tokens", estimate_tokens)
         if rate_limit_timeout is not None and rate_limit_timeout != 0:
             check_positive_number("rate_limit_timeout", rate_limit_timeout)
-        self._rate_limit_timeout = rate_limit_timeout
         if on_limiter_error not in ("allow", "deny"):
             raise InvalidInputError(
                 f"on_limiter_error must be 'allow' or 'deny', got {on_limiter_error!r}"
             )
-        self._deny_when_limiter_down = on_limiter_error == "deny"
+        deny_when_limiter_down = on_limiter_error == "deny"
         if (
-            self._deny_when_limiter_down
+            deny_when_limiter_down
             and isinstance(rate_limiter, RedisRateLimiter)
             and rate_limiter.failure_mode == "open"
         ):
@@ -203,7 +213,6 @@ class InferenceGateway(AsyncResource):
         )
         self._semantic = semantic_cache
         self._semantic_guard = guard("semantic cache", semantic_timeout)
-        self._limiter = rate_limiter
         limiter_timeout: float | None = backend_timeout
         if rate_limit_timeout is None:
             limiter_timeout = None
@@ -217,6 +226,18 @@ class InferenceGateway(AsyncResource):
             # it bounds its own round trips and answers by its policy: ours is a backstop
             limiter_timeout += rate_limiter.operation_timeout or 0.0
         self._limiter_guard = guard("rate limiter", limiter_timeout)
+        self._limiter = rate_limiter
+        self._budget = (
+            None
+            if rate_limiter is None
+            else TokenBudget(
+                rate_limiter,
+                self._limiter_guard,
+                estimate_tokens=estimate_tokens,
+                wait=rate_limit_timeout,
+                deny_when_down=deny_when_limiter_down,
+            )
+        )
         self._fleet: FleetCoalescer | None = None
         if fleet_coalescing and isinstance(self._exact, RedisExactCache):
             assert self._exact_guard is not None
@@ -236,7 +257,6 @@ class InferenceGateway(AsyncResource):
         self._coalesced = 0
         self._provider_calls = 0
         self._provider_errors = 0
-        self._rate_limited = 0
 
     def __repr__(self) -> str:
         parts = [f"exact={self._exact!r}"]
@@ -315,69 +335,52 @@ class InferenceGateway(AsyncResource):
                     self._exact_hits += 1
                     return value
                 read = value is None
-            return await self._coalesced_fill(query, digest, call, user, no_store, ttl, read)
+            request = _Request(query, digest, call, user, ttl, no_store=no_store, read=read)
+            return await self._coalesced_fill(request)
         finally:
             self._latency.add(time.perf_counter() - started)
 
-    async def _coalesced_fill(
-        self,
-        query: Query,
-        digest: str,
-        call: ProviderCall,
-        user: str,
-        no_store: bool,
-        ttl: float | None,
-        read: bool,
-    ) -> Any:
-        """``read``: the exact cache answered (a miss); False if skipped or unreachable."""
-        no_cache = not read
-        flight_key = (digest, no_cache, no_store)
+    async def _coalesced_fill(self, request: _Request) -> Any:
+        flight_key = (request.digest, request.read, request.no_store)
         for _ in range(_FOREIGN_REFUSAL_RETRIES):
             led = False
 
             async def fill() -> Any:
                 nonlocal led
                 led = True
-                return await self._fill(query, digest, call, user, no_store, ttl, read)
+                return await self._fill(request)
 
             try:
                 value = await self._flight.run(flight_key, fill)
             except RateLimitExceeded as exc:
                 # the call we joined was refused by its leader's budget, not ours
-                if led or exc.user_id == user:
+                if led or exc.user_id == request.user:
                     raise
                 continue
             if not led:
                 self._coalesced += 1
             return value
-        return await self._fill(query, digest, call, user, no_store, ttl, read)
+        return await self._fill(request)
 
-    async def _fill(
-        self,
-        query: Query,
-        digest: str,
-        call: ProviderCall,
-        user: str,
-        no_store: bool,
-        ttl: float | None,
-        read: bool,
-    ) -> Any:
+    async def _fill(self, request: _Request) -> Any:
+        """What one flight does: semantic lookup, then (fleet-coalesced) provider call."""
+        query, digest = request.query, request.digest
         semantic = self._semantic
-        if semantic is not None and read:
+        if semantic is not None and request.read:
             value = await self._semantic_guard.call(lambda: semantic.get(query), None)
             if value is not None:
                 self._semantic_hits += 1
-                if self._promote and not no_store:
-                    await self._exact_put(query, digest, value, ttl)
+                if self._promote and not request.no_store:
+                    await self._exact_put(query, digest, value, request.ttl)
                 return value
 
         async def compute() -> Any:
             self._misses += 1
-            return await self._call_and_store(query, digest, call, user, no_store, ttl)
+            return await self._call_and_store(request)
 
-        if self._fleet is not None and read and not no_store:
+        if self._fleet is not None and request.read and not request.no_store:
             return await self._fleet.run(digest, lambda: self._exact_get(query, digest), compute)
-        if read:
+        if request.read:
             # a flight for this key may have stored its answer between our miss and now
             value = await self._exact_get(query, digest)
             if value is not None:
@@ -385,33 +388,26 @@ class InferenceGateway(AsyncResource):
                 return value
         return await compute()
 
-    async def _call_and_store(
-        self,
-        query: Query,
-        digest: str,
-        call: ProviderCall,
-        user: str,
-        no_store: bool,
-        ttl: float | None,
-    ) -> Any:
-        reserved = await self._admit(query, user)
+    async def _call_and_store(self, request: _Request) -> Any:
+        budget, user = self._budget, request.user
+        reserved = await budget.reserve(request.query, user) if budget is not None else 0
         self._provider_calls += 1
         try:
-            value = await self._invoke(call)
-        except asyncio.CancelledError:
-            await self._refund(user, reserved)
+            value = await self._invoke(request.call)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._provider_errors += 1
+            if budget is not None:
+                await budget.refund(user, reserved)
             raise
-        except BaseException:
-            self._provider_errors += 1
-            await self._refund(user, reserved)
-            raise
-        await self._reconcile(user, reserved, value)
-        if not no_store and value is not None:
-            await self._exact_put(query, digest, value, ttl)
+        if budget is not None:
+            await budget.reconcile(user, reserved, value)
+        if not request.no_store and value is not None:
+            await self._exact_put(request.query, request.digest, value, request.ttl)
             semantic = self._semantic
             if semantic is not None:
                 await self._semantic_guard.call(
-                    lambda: semantic.put(query, value, ttl_seconds=ttl), None
+                    lambda: semantic.put(request.query, value, ttl_seconds=request.ttl), None
                 )
         return value
 
@@ -464,66 +460,6 @@ class InferenceGateway(AsyncResource):
             # an answer the cache cannot hold is still an answer: serve it, uncached
             logger.warning("exact cache refused an answer: %s", type(exc).__name__)
 
-    # -- rate limiting ---------------------------------------------------------------
-
-    async def _admit(self, query: Query, user: str) -> int:
-        """Reserve the estimated tokens of ``query`` for ``user``; return them (0 = none)."""
-        limiter = self._limiter
-        if limiter is None:
-            return 0
-        tokens = self._estimate_tokens(query)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-            raise InvalidInputError(f"estimate_tokens must return an int > 0, got {tokens!r}")
-        timeout = self._rate_limit_timeout
-
-        async def consume() -> bool:
-            if timeout == 0:
-                return await limiter.check_and_consume(user, tokens)
-            await limiter.acquire(user, tokens, timeout=timeout)
-            return True
-
-        try:
-            granted = await self._limiter_guard.call(consume, _UNAVAILABLE)
-        except RateLimitExceeded as exc:
-            self._rate_limited += 1
-            raise RateLimitExceeded(str(exc), retry_after=exc.retry_after, user_id=user) from exc
-        if granted is _UNAVAILABLE:
-            if self._deny_when_limiter_down:
-                self._rate_limited += 1
-                raise RateLimitExceeded(
-                    "the rate limiter is unavailable and on_limiter_error='deny'",
-                    retry_after=None,
-                    user_id=user,
-                )
-            return 0
-        if not granted:
-            self._rate_limited += 1
-            # a check that does not wait cannot say when; one window is an upper bound
-            config = getattr(limiter, "config", None)
-            window = getattr(config, "window_seconds", None)
-            raise RateLimitExceeded(
-                f"user {user!r} is over the token budget ({tokens} tokens requested)",
-                retry_after=float(window) if isinstance(window, (int, float)) else None,
-                user_id=user,
-            )
-        return tokens
-
-    async def _reconcile(self, user: str, reserved: int, answer: Any) -> None:
-        limiter = self._limiter
-        used = reported_tokens(answer)
-        if limiter is None or not reserved or used is None or used == reserved:
-            return
-        if used > reserved:
-            extra = used - reserved
-            await self._limiter_guard.call(lambda: limiter.check_and_consume(user, extra), None)
-        else:
-            await self._refund(user, reserved - used)
-
-    async def _refund(self, user: str, tokens: int) -> None:
-        refund = getattr(self._limiter, "refund", None)
-        if tokens and refund is not None:
-            await self._limiter_guard.call(lambda: refund(user, tokens), None)
-
     # -- warm-up, stats, lifecycle ---------------------------------------------------
 
     async def warm(
@@ -536,25 +472,11 @@ class InferenceGateway(AsyncResource):
         """
         self._check_open()
         check_positive_int("concurrency", concurrency)
-        pending = iter(queries)
-        failures: list[WarmFailure] = []
-        answered = 0
         calls_before = self._provider_calls
-
-        async def worker() -> None:
-            nonlocal answered
-            for query in pending:
-                try:
-                    await self.resolve(query, user_id)
-                except Exception as exc:
-                    failures.append(WarmFailure(query, exc))
-                else:
-                    answered += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return WarmReport(
-            ok=answered, computed=self._provider_calls - calls_before, failed=tuple(failures)
+        answered, failed = await resolve_all(
+            lambda query: self.resolve(query, user_id), queries, concurrency
         )
+        return WarmReport(ok=answered, computed=self._provider_calls - calls_before, failed=failed)
 
     @property
     def exact_cache(self) -> AsyncExactCache:
@@ -576,7 +498,7 @@ class InferenceGateway(AsyncResource):
             fleet_hits=self._fleet.waited if self._fleet is not None else 0,
             provider_calls=self._provider_calls,
             provider_errors=self._provider_errors,
-            rate_limited=self._rate_limited,
+            rate_limited=self._budget.refused if self._budget is not None else 0,
             backend_errors=sum(g.errors for g in guards),
             backend_skipped=sum(g.skipped for g in guards),
             in_flight=len(self._flight),
