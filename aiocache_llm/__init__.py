@@ -6,6 +6,7 @@ everything importable from ``aiocache_llm`` directly is public and listed in
 ``__all__``. Submodules are implementation detail.
 """
 
+from aiocache_llm.backends.ann import AnnConfig
 from aiocache_llm.backends.memory.chat_memory import MemoryChatMemory
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.backends.memory.rate_limiter import MemoryRateLimiter
@@ -85,6 +86,7 @@ __all__ = [
     "MemoryChatMemory",
     "RedisChatMemory",
     "HashingEmbedder",
+    "AnnConfig",
     # layer 2: coalescing
     "SingleFlight",
     "SingleFlightStats",

@@ -5,7 +5,9 @@
 * :class:`EmbeddingAdapter` calls a sync or async ``embed_fn`` without blocking the
   event loop and keeps every vector of one cache at one dimension.
 * :class:`VectorIndex` holds the unit vectors of one scope as rows of a matrix and
-  answers "which rows are most similar to q" with one matrix-vector product.
+  answers "which rows are most similar to q" with one matrix-vector product, or,
+  for a large scope of a cache built with ``ann=``, by rescoring the candidates of
+  an HNSW graph (:mod:`aiocache_llm.backends.ann`).
 
 Similarities are float32 dot products of unit vectors, clipped to [-1, 1]. Rounding
 makes the dot product of a vector with itself land a few ulps away from 1, so a
@@ -23,6 +25,7 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
+from aiocache_llm.backends.ann import AnnConfig, AnnIndex
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.validation import check_bool, check_callable, check_positive_int
 
@@ -56,6 +59,7 @@ CANDIDATES = 4
 """How many best rows a lookup returns, so a stale or vanished best still leaves a hit."""
 
 _INITIAL_CAPACITY = 16
+_MIN_SQUARE = 1e-280  # below, a float64 sum of squares may have lost precision to underflow
 _NUMERIC_KINDS = frozenset("iuf")
 _T = TypeVar("_T")
 
@@ -71,14 +75,36 @@ def as_unit_vector(
     infinity, or is all zeros (it has no direction). The norm is computed after
     scaling by the largest magnitude, so huge or tiny finite values never overflow.
     """
-    if isinstance(raw, (str, bytes, bytearray)) or raw is None:
+    if type(raw) is np.ndarray:
+        array: npt.NDArray[Any] = raw
+    elif isinstance(raw, (str, bytes, bytearray)) or raw is None:
         raise InvalidInputTypeError(
             f"{what} must be a sequence of numbers, got {type(raw).__name__}"
         )
-    try:
-        array = np.asarray(raw)
-    except ValueError as exc:  # ragged nested sequences
-        raise InvalidInputError(f"{what} must be a flat sequence of numbers: {exc}") from exc
+    else:
+        try:
+            array = np.asarray(raw)
+        except ValueError as exc:  # ragged nested sequences
+            raise InvalidInputError(f"{what} must be a flat sequence of numbers: {exc}") from exc
+    if (
+        array.dtype.kind == "f"
+        and array.dtype.itemsize <= 8
+        and array.ndim == 1
+        and (dimension is None or array.shape[0] == dimension)
+    ):
+        # The common case, checked at once: the float64 sum of squares lies in this
+        # range only if every value is finite and one is non-zero (NaN fails both
+        # comparisons); for float32 values it never overflows or underflows. Empty,
+        # zero, non-finite and extreme vectors take the full path below.
+        values = array.astype(np.float64)
+        if array.dtype.itemsize <= 4:
+            square = float(values @ values)
+        else:
+            with np.errstate(over="ignore"):  # huge float64 values: the full path rescales
+                square = float(values @ values)
+        if _MIN_SQUARE < square < math.inf:
+            values *= 1.0 / math.sqrt(square)
+            return values.astype(np.float32)
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise InvalidInputTypeError(
             f"{what} must hold real numbers, got {type(raw).__name__} of dtype {array.dtype}"
@@ -176,7 +202,9 @@ class EmbeddingAdapter:
             raw = await run_in_thread(self._embed_fn, text)
         else:
             raw = self._embed_fn(text)
-        if inspect.isawaitable(raw):  # a sync wrapper (e.g. a partial) around a coroutine
+        # a sync wrapper (e.g. a partial) around a coroutine; the common array result
+        # skips isawaitable's slow ABC check
+        if type(raw) is not np.ndarray and inspect.isawaitable(raw):
             raw = await raw
         return as_unit_vector(raw, self._dimension)
 
@@ -202,25 +230,22 @@ class Candidate(NamedTuple):
     similarity: float
 
 
-def _top_rows(
-    matrix: FloatMatrix,
-    query: UnitVector,
-    expiry: npt.NDArray[np.float64] | None,
-    k: int,
-    now: float,
-    floor: float,
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
-    """Rows of the ``k`` largest similarities >= ``floor`` and those similarities, best first.
-
-    Rows whose expiry is ``<= now`` never qualify.
-    """
-    sims = matrix @ query
+def _similarities(
+    matrix: FloatMatrix, query: UnitVector, expiry: npt.NDArray[np.float64] | None, now: float
+) -> npt.NDArray[np.float32]:
+    """``matrix @ query``, with ``-inf`` for the rows whose expiry is ``<= now``."""
+    sims: npt.NDArray[np.float32] = matrix @ query
     if expiry is not None:
         sims[expiry <= now] = -np.inf
+    return sims
+
+
+def _top_rows(
+    sims: npt.NDArray[np.float32], k: int, floor: float
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Rows of the ``k`` largest similarities >= ``floor`` and those similarities, best first."""
     n = sims.shape[0]
-    if k == 1:
-        rows = np.argmax(sims, keepdims=True)
-    elif n > k:
+    if n > k:
         rows = np.argpartition(sims, n - k)[n - k :]
         rows = rows[np.argsort(-sims[rows], kind="stable")]
     else:
@@ -228,6 +253,26 @@ def _top_rows(
     best = sims[rows]
     keep = best >= floor
     return rows[keep], best[keep]
+
+
+def _search_best(
+    matrix: FloatMatrix, query: UnitVector, expiry: npt.NDArray[np.float64] | None, now: float
+) -> tuple[npt.NDArray[np.float32], int]:
+    """The similarities of every row and the row of the largest (run in a worker thread)."""
+    sims = _similarities(matrix, query, expiry, now)
+    return sims, int(sims.argmax())
+
+
+def _search_top(
+    matrix: FloatMatrix,
+    query: UnitVector,
+    expiry: npt.NDArray[np.float64] | None,
+    now: float,
+    k: int,
+    floor: float,
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """:func:`_top_rows` of :func:`_similarities` (run in a worker thread)."""
+    return _top_rows(_similarities(matrix, query, expiry, now), k, floor)
 
 
 def _clip(similarity: float) -> float:
@@ -241,18 +286,42 @@ class VectorIndex:
     ``_expiry[r]`` is its expiry time (``inf`` = never) on whatever clock the owner
     uses. Capacity doubles when full and halves when a quarter full, so ``upsert`` is
     amortized O(d); ``remove`` moves the last row into the hole (swap-remove), O(d).
-    A lookup (:meth:`best`) is one vectorized ``matrix @ q`` plus an O(n)
-    ``argpartition``; no Python code runs per entry.
+    A lookup (:meth:`best`) is one vectorized ``matrix @ q`` plus an O(n) ``argmax``
+    (or ``argpartition`` for several rows); no Python code runs per entry.
 
     Not thread-safe: only the event loop mutates it. :meth:`best_async` hands a
     read-only view to a worker thread for large indexes and re-checks the rows it
     picked when it is back on the loop.
+
+    With ``ann=`` (an :class:`~aiocache_llm.backends.ann.AnnConfig`), an index of at
+    least ``ann.min_rows`` rows also keeps an :class:`~aiocache_llm.backends.ann.AnnIndex`
+    (an HNSW graph) that :meth:`best_async` asks for candidates instead of scoring
+    every row (a graph search, about 0.3 ms at 100k rows, on the loop); the
+    candidates' similarities, expiry and threshold are still checked exactly here.
     """
 
-    __slots__ = ("_dimension", "_expiring", "_expiry", "_ids", "_matrix", "_offload", "_rows")
+    __slots__ = (
+        "_ann",
+        "_ann_config",
+        "_dimension",
+        "_expiring",
+        "_expiry",
+        "_ids",
+        "_matrix",
+        "_offload",
+        "_rows",
+    )
 
-    def __init__(self, dimension: int, *, offload_min_floats: int | None = None) -> None:
+    def __init__(
+        self,
+        dimension: int,
+        *,
+        offload_min_floats: int | None = None,
+        ann: AnnConfig | None = None,
+    ) -> None:
         self._dimension = check_positive_int("dimension", dimension)
+        self._ann_config = ann
+        self._ann: AnnIndex | None = None  # from ann.min_rows rows on
         self._offload = OFFLOAD_MIN_FLOATS if offload_min_floats is None else offload_min_floats
         self._matrix: FloatMatrix = np.empty((_INITIAL_CAPACITY, dimension), dtype=np.float32)
         self._expiry = np.full(_INITIAL_CAPACITY, np.inf)
@@ -324,6 +393,8 @@ class VectorIndex:
         self._expiry[row] = expires_at
         if math.isfinite(expires_at):
             self._expiring += 1
+        if self._ann is not None:
+            self._ann.upserted(entry_id, row)
 
     def remove(self, entry_id: str) -> bool:
         """Remove ``entry_id``; return whether it was there. O(d): the last row fills the hole."""
@@ -339,10 +410,16 @@ class VectorIndex:
             self._expiry[row] = self._expiry[last]
             self._ids[row] = moved
             self._rows[moved] = row
+            if self._ann is not None:
+                self._ann.moved(moved, row)
         self._ids.pop()
         capacity = self._matrix.shape[0]
         if capacity > _INITIAL_CAPACITY and last <= capacity // 4:
             self._resize(capacity // 2)
+        if self._ann is not None:
+            self._ann.removed(entry_id)
+            if self._ann_config is not None and last < self._ann_config.min_rows // 2:
+                self._drop_ann()  # small again: exact search is fast, the graph's memory is not
         return True
 
     def clear(self) -> None:
@@ -352,6 +429,7 @@ class VectorIndex:
         self._ids.clear()
         self._rows.clear()
         self._expiring = 0
+        self._drop_ann()
 
     def expired(self, now: float) -> list[str]:
         """Ids of the rows whose expiry is ``<= now``; O(n) vectorized."""
@@ -370,22 +448,23 @@ class VectorIndex:
         """The ``k`` live rows most similar to the unit ``query`` that reach ``threshold``.
 
         Best first. A row is live while its expiry is ``> now``. One ``matrix @ q``
-        (O(n*d), BLAS) and one ``argpartition`` (O(n)); runs on the caller's thread.
+        (O(n*d), BLAS), then an ``argmax`` for ``k == 1`` or an ``argpartition``
+        (O(n)); runs on the caller's thread.
         """
         n = len(self._ids)
         if n == 0:
             return []
-        rows, sims = _top_rows(
-            self._matrix[:n],
-            query,
-            self._expiry[:n] if self._expiring else None,
-            k,
-            now,
-            threshold - SIMILARITY_TOLERANCE,
-        )
+        expiry = self._expiry[:n] if self._expiring else None
+        sims = _similarities(self._matrix[:n], query, expiry, now)
+        floor = threshold - SIMILARITY_TOLERANCE
+        if k == 1:
+            row = int(sims.argmax())
+            similarity = float(sims[row])
+            return [Candidate(self._ids[row], _clip(similarity))] if similarity >= floor else []
+        rows, best = _top_rows(sims, k, floor)
         return [
-            Candidate(self._ids[row], _clip(float(sim)))
-            for row, sim in zip(rows.tolist(), sims.tolist(), strict=True)
+            Candidate(self._ids[row], _clip(sim))
+            for row, sim in zip(rows.tolist(), best.tolist(), strict=True)
         ]
 
     async def best_async(
@@ -402,17 +481,74 @@ class VectorIndex:
         GIL) on a view of the current rows. The loop may change rows meanwhile, so
         every row the thread picked is checked again on the loop: it must still
         exist, be live, and its own stored vector must still reach the threshold
-        (O(d) each). The thread picks at least :data:`CANDIDATES` rows so that a row
-        failing that check rarely costs the answer; never is a wrong row returned.
+        (O(d) each). For ``k == 1`` the thread picks the best row with an ``argmax``;
+        only when that row fails the check are the next :data:`CANDIDATES` rows of
+        the same search taken (in a thread again). For larger ``k`` the thread picks
+        at least :data:`CANDIDATES` rows. Never is a wrong row returned.
         """
         n = len(self._ids)
+        ann = self._ann_index(n)
+        if ann is not None:
+            ann.start(self._gather)
+            if ann.usable:
+                return self._rescore(ann.propose(query, k), query, k, now, threshold)
         if n * self._dimension < self._offload:
             return self.best(query, k, now, threshold)
         floor = threshold - SIMILARITY_TOLERANCE
         expiry = self._expiry[:n] if self._expiring else None
+        if k == 1:
+            sims, row = await run_in_thread(_search_best, self._matrix[:n], query, expiry, now)
+            if not sims[row] >= floor:  # no row reached the threshold when the thread looked
+                return []
+            found = self._recheck([row], query, now, floor)
+            if not found:  # the loop changed that row meanwhile: the runners-up may do
+                rows, _ = await run_in_thread(_top_rows, sims, CANDIDATES, floor)
+                found = self._recheck(rows.tolist(), query, now, floor)[:1]
+            return found
         picks = max(k, CANDIDATES)
-        rows, _ = await run_in_thread(_top_rows, self._matrix[:n], query, expiry, picks, now, floor)
+        rows, _ = await run_in_thread(
+            _search_top, self._matrix[:n], query, expiry, now, picks, floor
+        )
         return self._recheck(rows.tolist(), query, now, floor)[:k]
+
+    async def catch_up(self) -> None:
+        """Bring the ANN graph up to date with every row written so far, and wait for it.
+
+        A no-op without ``ann=`` or below ``ann.min_rows`` rows. Lookups start
+        catch-ups in the background by themselves; this is for warming a cache up
+        (the first graph of a large scope takes seconds to build) and for tests.
+        """
+        ann = self._ann_index(len(self._ids))
+        if ann is not None:
+            await ann.wait(self._gather)
+
+    def _ann_index(self, n: int) -> AnnIndex | None:
+        config = self._ann_config
+        if self._ann is None and config is not None and n >= config.min_rows:
+            self._ann = AnnIndex(config, self._dimension, self._ids)
+        return self._ann
+
+    def _drop_ann(self) -> None:
+        if self._ann is not None:
+            self._ann.close()
+            self._ann = None
+
+    def _gather(self, rows: npt.NDArray[np.intp]) -> FloatMatrix:
+        return self._matrix[rows]  # fancy indexing: a copy a worker thread may keep
+
+    def _rescore(
+        self, rows: npt.NDArray[np.intp], query: UnitVector, k: int, now: float, threshold: float
+    ) -> list[Candidate]:
+        """The ``k`` best of ``rows`` (live rows) by their exact similarity to ``query``."""
+        if not rows.size:
+            return []
+        expiry = self._expiry[rows] if self._expiring else None
+        sims = _similarities(self._matrix[rows], query, expiry, now)
+        picks, best = _top_rows(sims, k, threshold - SIMILARITY_TOLERANCE)
+        return [
+            Candidate(self._ids[row], _clip(sim))
+            for row, sim in zip(rows[picks].tolist(), best.tolist(), strict=True)
+        ]
 
     def _recheck(
         self, rows: list[int], query: UnitVector, now: float, floor: float

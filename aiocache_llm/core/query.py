@@ -204,6 +204,9 @@ class QueryKeys:
         match exactly. ``digest`` is the exact key of the whole query.
         Raises :class:`InvalidInputError` when there is no non-empty user message.
         """
+        if type(query) is str and self._normalize is default_normalize and query.strip():
+            # one user message and nothing else: the scope is the same for every text
+            return _PLAIN_TEXT_SCOPE, query, self.digest(query)
         request = self.request(query)
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -255,6 +258,9 @@ def _message_text(content: object) -> str:
 
 
 _DEFAULT_KEYS = QueryKeys()
+_PLAIN_TEXT_SCOPE = _hexdigest(
+    canonical_json({"messages": [{"role": "user", "content": _SCOPE_MARKER}]})
+)
 
 
 def signature(query: Query, *, normalize: Normalizer | None = None) -> str:

@@ -385,3 +385,18 @@ def test_semantic_parts_refuses_queries_without_user_text(
 ) -> None:
     with pytest.raises(error, match=match):
         KEYS.semantic_parts(query)
+
+
+@pytest.mark.parametrize("text", ["What is Redis?", "  padded  ", "ünïcode ✓", "a"])
+def test_plain_text_queries_split_like_their_request_dict(text: str) -> None:
+    fast = QueryKeys().semantic_parts(text)
+    # a hook equal to the default forces the general path
+    slow = QueryKeys(lambda request: default_normalize(request)).semantic_parts(text)
+    assert fast == slow
+    assert fast[1] == text
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_blank_plain_text_queries_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInputError):
+        QueryKeys().semantic_parts(text)

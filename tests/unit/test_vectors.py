@@ -78,6 +78,45 @@ def test_bad_embeddings_are_refused_with_a_clear_message(
         as_unit_vector(raw, 3)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1.0, float("nan"), 0.0], "NaN or infinite"),
+        ([float("inf"), 1.0, 0.0], "NaN or infinite"),
+        ([0.0, 0.0, 0.0], "all zeros"),
+        ([1.0, 2.0], "dimension 2, expected 3"),
+    ],
+    ids=["nan", "inf", "zero", "dimension"],
+)
+def test_float_arrays_of_every_width_are_checked(
+    dtype: type[np.floating[Any]], values: list[float], message: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        as_unit_vector(np.array(values, dtype=dtype), 3)
+
+
+BIG = float(np.float32(1e30))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(-BIG, BIG, allow_nan=False, width=32), min_size=1, max_size=64
+    ).filter(any),
+    width=st.sampled_from([np.float32, np.float64]),
+)
+def test_unit_vectors_point_the_same_way_as_the_input(
+    values: list[float], width: type[np.floating[Any]]
+) -> None:
+    raw = np.array(values, dtype=width)
+    vector = as_unit_vector(raw, len(values))
+    reference = raw.astype(np.float64) / np.linalg.norm(raw.astype(np.float64))
+    assert vector.dtype == np.float32
+    assert float(np.linalg.norm(vector.astype(np.float64))) == pytest.approx(1.0, abs=1e-6)
+    assert vector.astype(np.float64) == pytest.approx(reference, abs=1e-6)
+
+
 def test_the_message_names_what_is_validated() -> None:
     with pytest.raises(InvalidInputError, match=r"^query vector is empty"):
         as_unit_vector([], what="query vector")
@@ -336,39 +375,63 @@ def _index_with_best_first(offload: int = 1) -> tuple[VectorIndex, np.ndarray]:
     return index, as_unit_vector([1, 0])
 
 
+@pytest.mark.parametrize("k", [1, 4])
 async def test_a_row_removed_during_an_offloaded_search_is_never_returned(
-    mutate_while_searching: Callable[[Callable[[], None]], None],
+    mutate_while_searching: Callable[[Callable[[], None]], None], k: int
 ) -> None:
     index, query = _index_with_best_first()
     mutate_while_searching(lambda: index.remove("best"))
-    found = await index.best_async(query, 4, threshold=0.9)
+    found = await index.best_async(query, k, threshold=0.9)
     assert [c.entry_id for c in found] == ["second"]
 
 
+@pytest.mark.parametrize("k", [1, 4])
 async def test_a_row_rewritten_during_an_offloaded_search_is_checked_again(
-    mutate_while_searching: Callable[[Callable[[], None]], None],
+    mutate_while_searching: Callable[[Callable[[], None]], None], k: int
 ) -> None:
     index, query = _index_with_best_first()
     mutate_while_searching(lambda: index.upsert("best", as_unit_vector([0, 1])))
-    found = await index.best_async(query, 4, threshold=0.9)
+    found = await index.best_async(query, k, threshold=0.9)
     assert [c.entry_id for c in found] == ["second"]
 
 
+@pytest.mark.parametrize("k", [1, 4])
 async def test_a_row_expired_during_an_offloaded_search_is_masked(
-    mutate_while_searching: Callable[[Callable[[], None]], None],
+    mutate_while_searching: Callable[[Callable[[], None]], None], k: int
 ) -> None:
     index, query = _index_with_best_first()
     mutate_while_searching(lambda: index.upsert("best", as_unit_vector([1, 0]), expires_at=5.0))
-    found = await index.best_async(query, 4, now=6.0, threshold=0.9)
+    found = await index.best_async(query, k, now=6.0, threshold=0.9)
     assert [c.entry_id for c in found] == ["second"]
 
 
+@pytest.mark.parametrize("k", [1, 4])
 async def test_an_index_cleared_during_an_offloaded_search_returns_nothing(
-    mutate_while_searching: Callable[[Callable[[], None]], None],
+    mutate_while_searching: Callable[[Callable[[], None]], None], k: int
 ) -> None:
     index, query = _index_with_best_first()
     mutate_while_searching(index.clear)
-    assert await index.best_async(query, 4, threshold=0.9) == []
+    assert await index.best_async(query, k, threshold=0.9) == []
+
+
+async def test_an_offloaded_best_row_search_runs_one_thread_call_unless_the_row_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index, query = _index_with_best_first()
+    calls: list[str] = []
+    original = vectors.run_in_thread
+
+    async def spy(func: Callable[..., Any], *args: Any) -> Any:
+        calls.append(func.__name__)
+        return await original(func, *args)
+
+    monkeypatch.setattr(vectors, "run_in_thread", spy)
+    assert [c.entry_id for c in await index.best_async(query, 1, threshold=0.9)] == ["best"]
+    assert len(calls) == 1
+    assert await index.best_async(query, 1, threshold=1.0 + 1e-3) == []  # a miss: one call too
+    assert len(calls) == 2
+    assert [c.entry_id for c in await index.best_async(as_unit_vector([0, 1]), 1)] == ["unrelated"]
+    assert len(calls) == 3
 
 
 async def test_small_indexes_are_searched_on_the_loop(

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
+from aiocache_llm.backends.ann import AnnSetting, resolve_ann
 from aiocache_llm.backends.vectors import EmbeddingAdapter, EmbedFn, VectorIndex
 from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
@@ -62,11 +63,20 @@ class MemorySemanticCache(AsyncResource):
     encoded (data only), so every hit returns a fresh copy of a mutable value.
 
     Cost: a lookup is one embedding plus one float32 ``matrix @ q`` over the scope's
-    rows (O(n*d)); from ``n*d >= 2**22`` floats on, that product runs in a worker
-    thread and the rows it picks are re-checked on the loop. A put is the embedding
-    plus amortized O(d). Everything between awaits runs without yielding, so the
-    cache is never seen half-updated; a call cancelled while embedding changes
-    nothing.
+    rows (O(n*d), exact); from ``n*d >= 2**22`` floats on, that product runs in a
+    worker thread and the row it picks is re-checked on the loop. A put is the
+    embedding plus amortized O(d). Everything between awaits runs without yielding,
+    so the cache is never seen half-updated; a call cancelled while embedding
+    changes nothing.
+
+    ``ann=`` (``None``, ``"auto"`` or an :class:`~aiocache_llm.backends.ann.AnnConfig`;
+    needs the ``aiocache_llm[ann]`` extra, else :class:`ImportError`) searches scopes
+    of at least ``AnnConfig.min_rows`` (20k by default) rows approximately: an HNSW
+    graph proposes candidates whose exact cosine is then computed from the stored
+    vectors, so thresholds, expiry and scopes hold exactly for whatever is returned,
+    but the best entry may be missed (recall below 1). The graph follows writes in
+    background catch-ups (a large scope's first graph takes seconds to build; see
+    :meth:`build_index`); meanwhile lookups search exactly.
     """
 
     def __init__(
@@ -82,8 +92,10 @@ class MemorySemanticCache(AsyncResource):
         clock: Clock | None = None,
         dimension: int | None = None,
         embed_in_thread: bool = True,
+        ann: AnnSetting = None,
     ) -> None:
         self._embedding = EmbeddingAdapter(embed_fn, in_thread=embed_in_thread, dimension=dimension)
+        self._ann = resolve_ann(ann)
         self._threshold = check_similarity("similarity_threshold", similarity_threshold)
         self._max_size = check_size_limit("max_size", max_size)
         self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
@@ -103,7 +115,8 @@ class MemorySemanticCache(AsyncResource):
         return (
             f"MemorySemanticCache(size={len(self._entries)}/{bound}, scopes={len(self._scopes)}, "
             f"similarity_threshold={self._threshold}, ttl_seconds={self._ttl}, "
-            f"embed_fn={self._embedding!r}, hits={self._hits}, misses={self._misses})"
+            f"embed_fn={self._embedding!r}, ann={self._ann is not None}, "
+            f"hits={self._hits}, misses={self._misses})"
         )
 
     async def get(self, query: Query, *, similarity_threshold: float | None = None) -> Any | None:
@@ -111,7 +124,8 @@ class MemorySemanticCache(AsyncResource):
 
         ``similarity_threshold`` overrides the cache's threshold for this call. An
         exact repeat of a stored query, and any query of a scope with no entries, is
-        answered without calling ``embed_fn``. Raises
+        answered without calling ``embed_fn``. One embedding and one search of the
+        scope otherwise. Raises
         :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad query,
         threshold or embedding, before anything changes.
         """
@@ -139,11 +153,6 @@ class MemorySemanticCache(AsyncResource):
         self._misses += 1
         return None
 
-    def _hit(self, digest: str, entry: _Entry) -> Any:
-        self._entries.move_to_end(digest)
-        self._hits += 1
-        return self._codec.decode(entry.data)
-
     async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
         """Store ``value`` under the query's scope and the embedding of its last user message.
 
@@ -166,7 +175,7 @@ class MemorySemanticCache(AsyncResource):
             heapq.heappush(self._expiries, (expires_at, digest))
         index = self._scopes.get(scope)
         if index is None:
-            index = self._scopes[scope] = VectorIndex(vector.shape[0])
+            index = self._scopes[scope] = VectorIndex(vector.shape[0], ann=self._ann)
         index.upsert(digest, vector, expires_at)
         self._entries[digest] = _Entry(scope, data, expires_at)
         self._entries.move_to_end(digest)
@@ -177,7 +186,10 @@ class MemorySemanticCache(AsyncResource):
                 self._evictions += 1
 
     async def invalidate(self, query: Query) -> bool:
-        """Remove the entry stored for exactly this query; return whether a live one was there."""
+        """Remove the entry stored for exactly this query; return whether a live one was there.
+
+        O(d): the scope's last row fills the hole.
+        """
         self._check_open()
         _, _, digest = self._keys.semantic_parts(query)
         entry = self._remove(digest)
@@ -198,6 +210,24 @@ class MemorySemanticCache(AsyncResource):
             size=len(self._entries),
             evictions=self._evictions,
         )
+
+    async def build_index(self) -> None:
+        """Bring the ANN graph of every large scope up to date and wait for it.
+
+        A no-op without ``ann=``. Lookups keep the graphs up to date by themselves,
+        in the background, and search exactly until a scope's graph is ready; call
+        this after loading many entries (a warm-up) so that the next lookups are
+        fast at once. The work runs in worker threads (``AnnConfig.threads``), never
+        on the event loop.
+        """
+        self._check_open()
+        for index in list(self._scopes.values()):
+            await index.catch_up()
+
+    def _hit(self, digest: str, entry: _Entry) -> Any:
+        self._entries.move_to_end(digest)
+        self._hits += 1
+        return self._codec.decode(entry.data)
 
     def _remove(self, digest: str) -> _Entry | None:
         entry = self._entries.pop(digest, None)
