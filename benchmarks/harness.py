@@ -2,11 +2,13 @@
 
 Every measurement is repeated ``repeats`` times and the implementations of a
 scenario take turns (round-robin), so a slow moment of the machine hits them all
-alike. A result is the median over repeats with its min-max spread.
+alike; each repetition starts after a full garbage collection (the collector stays
+on while it runs). A result is the median over repeats with its min-max spread.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -145,6 +147,9 @@ async def interleaved(
     samples: dict[str, list[float]] = {name: [] for name, _ in candidates}
     for _ in range(repeats):
         for name, measure in candidates:
+            # every repetition starts from a clean heap: a full collection of what
+            # earlier ones left must not land inside somebody else's measurement
+            gc.collect()
             samples[name].append(await measure() * scale)
     return [
         Measurement(name, samples[name], unit, higher_is_better=higher_is_better)

@@ -29,11 +29,14 @@ class SingleFlightStats(BaseModel):
 
 
 class _Flight:
-    __slots__ = ("task", "waiters")
+    """One call in flight and the futures of the callers waiting for it."""
+
+    __slots__ = ("task", "waiters", "waiting")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
-        self.waiters = 0
+        self.waiters: list[asyncio.Future[Any]] = []
+        self.waiting = 0  # waiters not cancelled yet
 
 
 class SingleFlight(Generic[T]):
@@ -50,8 +53,9 @@ class SingleFlight(Generic[T]):
     still completes and can be stored; with ``cancel_abandoned=True`` it is
     cancelled as soon as no caller waits for it any more.
 
-    Cost: O(1) per caller (one dict lookup and one shielded wait; no polling).
-    Not thread-safe: use it from one event loop.
+    Cost: O(1) per caller: one dict lookup and one future of its own, resolved by the
+    call's completion (no polling, no shield; a waiter's cancellation cancels only
+    its own future). Not thread-safe: use it from one event loop.
     """
 
     def __init__(self, *, cancel_abandoned: bool = False) -> None:
@@ -84,33 +88,47 @@ class SingleFlight(Generic[T]):
         flight = self._flights.get(key)
         if flight is None or flight.task.done():
             task: asyncio.Task[T] = asyncio.ensure_future(_call(fn))
-            flight = _Flight(task)
+            new = flight = _Flight(task)
             self._flights[key] = flight
             self._executions += 1
-            task.add_done_callback(lambda done: self._finish(key, done))
+            task.add_done_callback(lambda done: self._finish(key, new))
         else:
             self._coalesced += 1
-        flight.waiters += 1
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        flight.waiters.append(waiter)
+        flight.waiting += 1
         try:
-            result: T = await asyncio.shield(flight.task)
-            return result
+            return await waiter
         finally:
-            flight.waiters -= 1
-            if self._cancel_abandoned and flight.waiters == 0 and not flight.task.done():
-                # leave the table now: a caller arriving before the task finishes
-                # cancelling must start a new call, not join a dying one
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-                flight.task.cancel()
+            if waiter.cancelled():
+                flight.waiting -= 1
+                if self._cancel_abandoned and flight.waiting == 0 and not flight.task.done():
+                    # leave the table now: a caller arriving before the task finishes
+                    # cancelling must start a new call, not join a dying one
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+                    flight.task.cancel()
 
-    def _finish(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+    def _finish(self, key: Hashable, flight: _Flight) -> None:
         # A newer flight may already own the key (started after this one was done).
-        if self._flights.get(key) is not None and self._flights[key].task is task:
+        if self._flights.get(key) is flight:
             del self._flights[key]
+        task = flight.task
         if task.cancelled():
+            for waiter in flight.waiters:
+                waiter.cancel()
             return
-        if task.exception() is not None:
+        error = task.exception()
+        if error is not None:
             self._failures += 1
+            for waiter in flight.waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            return
+        result = task.result()
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_result(result)
 
     def stats(self) -> SingleFlightStats:
         """Return a frozen snapshot of the counters."""

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiocache_llm.core.clock import Clock
-from aiocache_llm.core.deadline import deadline
+from aiocache_llm.core.deadline import Watchdog
 from aiocache_llm.core.errors import (
     AiocacheLLMError,
     InvalidInputError,
@@ -74,6 +74,7 @@ class BackendGuard:
     ) -> None:
         self.name = name
         self._timeout = check_optional_positive_number("timeout", timeout)
+        self._watchdog = None if self._timeout is None else Watchdog(self._timeout)
         self._threshold = check_positive_int("failure_threshold", failure_threshold)
         self._reset_after = check_positive_number("reset_after", reset_after)
         self._clock: Clock = clock or time.monotonic
@@ -108,10 +109,10 @@ class BackendGuard:
             return fallback
         settled = False
         try:
-            if self._timeout is None:
+            if self._watchdog is None:
                 result = await fn()
             else:
-                async with deadline(self._timeout):
+                async with self._watchdog.watch():
                     result = await fn()
             settled = True
         except RateLimitExceeded:

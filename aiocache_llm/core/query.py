@@ -63,6 +63,24 @@ _MAX_JSON_DEPTH = 254  # orjson refuses deeper nesting of lists and dicts
 _SCOPE_MARKER = "\x00semantic-text\x00"
 
 
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    """CPython's own SHA-256 if it ships one, else hashlib's (OpenSSL).
+
+    Same digest. OpenSSL 3 sets up an algorithm context for every hash object; hot
+    that is 0.6 us, but between two network round trips (caches cold) it measured
+    7-10 us per key, while the built-in measured under 1 us: one key per cache read.
+    """
+    for module in ("_sha256", "_sha2"):  # CPython <= 3.11, 3.12+
+        try:
+            return __import__(module).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
+
+
 def default_normalize(request: dict[str, Any]) -> Mapping[str, Any]:
     """Drop :data:`IGNORED_FIELDS` and top-level ``None`` values; O(number of fields).
 
@@ -152,7 +170,8 @@ def _reject_non_finite(obj: object, path: str) -> None:
 
 
 def _hexdigest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    digest: str = _sha256(data).hexdigest()
+    return digest
 
 
 class QueryKeys:
@@ -191,7 +210,8 @@ class QueryKeys:
                 encoded = canonical_json(query)  # raises the library's error
             if b"null" in encoded:
                 _reject_non_finite(query, "query")
-            return hashlib.sha256(encoded).hexdigest()
+            digest: str = _sha256(encoded).hexdigest()
+            return digest
         return _hexdigest(canonical_json(self.request(query)))
 
     def semantic_parts(self, query: object) -> tuple[str, str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -88,6 +89,7 @@ async def run(ctx: Context) -> Section:
     p99: dict[str, list[float]] = {name: [] for name, _ in candidates}
     for _ in range(repeats):
         for name, candidate in candidates:
+            gc.collect()  # a clean heap for every library, as in the harness
             made, latencies = await candidate()
             calls[name].append(made)
             p50[name].append(quantile(latencies, 0.5) * 1000)

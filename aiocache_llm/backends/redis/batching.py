@@ -165,8 +165,13 @@ class ScriptBatcher(_Batcher[ScriptRun]):
 
     async def _send_one(self, request: ScriptRun) -> Any:
         keys, args, _ = request
-        # Script.__call__ loads the script and retries on NOSCRIPT by itself
-        return await self._script(keys=keys, args=args)
+        # EVALSHA directly: Script.__call__ costs a few us more per run (measured)
+        try:
+            return await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._script.sha, len(keys), *keys, *args
+            )
+        except redis_errors.NoScriptError:
+            return await self._script(keys=keys, args=args)  # loads it, then runs it
 
     async def _send_many(self, requests: list[ScriptRun]) -> Sequence[Any]:
         sha = self._script.sha

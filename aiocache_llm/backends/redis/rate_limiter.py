@@ -39,16 +39,20 @@ T = TypeVar("T")
 
 CONSUME = """
 -- Purge a user's expired grants, then grant tokens if they fit, or tell when they would.
+-- A template: @BUDGET@ and @WINDOW_US@ are written in per limiter (see consume_script),
+-- which spares two arguments on every call.
 -- KEYS[1] grant log: sorted set, score = grant time in us on the server clock,
---         member "<us>:<seq>:<tokens>" (unique even for grants within one us)
--- KEYS[2] meta: hash, sum = tokens in the log, seq = last grant's sequence number
--- ARGV[1] budget, ARGV[2] window in us, ARGV[3] tokens (0: only purge and count),
--- ARGV[4] '1' to grant the tokens if they fit, ARGV[5] '1' to tell when they would fit
+--         member "<us>:<sum after the grant>:<tokens>" (unique: within one us the sum
+--         only grows)
+-- KEYS[2] meta: hash, sum = tokens in the log
+-- ARGV[1] tokens (0: only purge and count),
+-- ARGV[2] flags: 1 = grant the tokens if they fit, 2 = tell when they would fit
 -- returns {1 if granted else 0, tokens free in the window after the call,
---          us until the tokens would fit (0 when they fit now or ARGV[5] is '0')}
-local budget = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local tokens = tonumber(ARGV[3])
+--          us until the tokens would fit (0 when they fit now or flag 2 is unset)}
+local budget = @BUDGET@
+local window = @WINDOW_US@
+local tokens = tonumber(ARGV[1])
+local flags = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
@@ -81,15 +85,14 @@ end
 local granted = 0
 local wait = 0
 if sum + tokens <= budget then
-    if tokens > 0 and ARGV[4] == '1' then
-        local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-        local stamp = string.format('%d', now)
-        redis.call('ZADD', KEYS[1], stamp, stamp .. ':' .. seq .. ':' .. tokens)
+    if tokens > 0 and flags % 2 == 1 then
         sum = sum + tokens
+        local stamp = string.format('%d', now)
+        local member = stamp .. ':' .. string.format('%d', sum) .. ':' .. tokens
+        redis.call('ZADD', KEYS[1], stamp, member)
         granted = 1
-        changed = true
     end
-elseif ARGV[5] == '1' then
+elseif flags >= 2 then
     -- walk the log from its oldest grant until enough tokens would have expired
     local need = sum + tokens - budget
     local first = 0
@@ -111,18 +114,30 @@ end
 
 if sum <= 0 then
     redis.call('DEL', KEYS[1], KEYS[2])
-elseif changed or rebuilt then
+elseif granted == 1 or changed or rebuilt then
     redis.call('HSET', KEYS[2], 'sum', string.format('%d', sum))
-    -- both keys outlive the newest grant by exactly one window, then vanish
-    local ttl = redis.call('PTTL', KEYS[1])
-    if granted == 1 or ttl < 0 then
-        ttl = math.ceil(window / 1000)
+    -- both keys outlive the newest grant by exactly one window, then vanish (HSET
+    -- keeps an existing key's expiry, so only a grant or a new meta sets it)
+    if granted == 1 then
+        local ttl = math.ceil(window / 1000)
+        redis.call('PEXPIRE', KEYS[1], ttl)
+        redis.call('PEXPIRE', KEYS[2], ttl)
+    elseif rebuilt then
+        local ttl = redis.call('PTTL', KEYS[1])
+        if ttl < 0 then
+            ttl = math.ceil(window / 1000)
+        end
+        redis.call('PEXPIRE', KEYS[2], ttl)
     end
-    redis.call('PEXPIRE', KEYS[1], ttl)
-    redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return {granted, budget - sum, wait}
 """
+
+
+def consume_script(budget: int, window_us: int) -> str:
+    """:data:`CONSUME` for one limiter's budget and window (integers, written in)."""
+    return CONSUME.replace("@BUDGET@", str(int(budget))).replace("@WINDOW_US@", str(int(window_us)))
+
 
 REFUND = """
 -- Give back tokens from a user's newest grants (a call used fewer than it reserved).
@@ -201,8 +216,8 @@ class RedisRateLimiter(RedisBackend):
     server's clock (Redis ``TIME``), never by the clients'.
 
     Per user, under ``{key_prefix}:{<user_id>}:``, a sorted set ``grants`` (score =
-    grant time in microseconds, member ``<us>:<seq>:<tokens>``) and a hash ``meta``
-    (``sum`` of the live tokens, ``seq``). A check removes the expired grants and
+    grant time in microseconds, member ``<us>:<sum after it>:<tokens>``) and a hash
+    ``meta`` (``sum`` of the live tokens). A check removes the expired grants and
     adjusts the sum: O(log n + expired), not O(n) (only a lost ``meta`` is rebuilt
     from the log, once). Both keys expire one window
     after the user's newest grant, so idle users vanish. The braces are a Redis
@@ -294,7 +309,9 @@ class RedisRateLimiter(RedisBackend):
             reset_after=breaker_reset_after,
         )
         # concurrent checks leave as one pipeline; each still runs atomically on its own
-        self._consume = ScriptBatcher(self._redis, CONSUME, operation="check")
+        self._consume = ScriptBatcher(
+            self._redis, consume_script(self._budget, self._window_us), operation="check"
+        )
         self._refund = self._redis.register_script(REFUND)
         self._queues = AcquireQueues(self._check_open, jitter=True)
         self._outage = False
@@ -479,7 +496,7 @@ class RedisRateLimiter(RedisBackend):
         Only ``acquire`` asks for the wait (``tell_wait``), which costs O(grants that
         must expire); a refused ``check_and_consume`` stays O(log n + expired).
         """
-        args = [self._budget, self._window_us, tokens, int(grant), int(tell_wait)]
+        args = (tokens, int(grant) + 2 * int(tell_wait))
         granted, remaining, wait_us = await self._guarded(
             operation, lambda: self._consume.run(keys, args, operation=operation)
         )
