@@ -115,6 +115,7 @@ def machine() -> list[str]:
 def chart(sections: list[Section], path: Path) -> None:
     """Bar chart of the headline ratios: each target's measured value against its goal."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,6 +132,11 @@ def chart(sections: list[Section], path: Path) -> None:
         ax.plot([target.bound, target.bound], [index - 0.4, index + 0.4], color="black", lw=2)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ticks = [0.25, 0.5, 1, 1.5, 2, 3, 5, 10]
+    low, high = ax.get_xlim()
+    ax.set_xticks([t for t in ticks if low <= t <= high])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("measured ratio (black tick: the target; green met, red not met)")
     ax.set_title("aiocache_llm against the baseline of each target, same run")
     fig.tight_layout()

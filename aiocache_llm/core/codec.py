@@ -20,6 +20,7 @@ else under our keys (a pickle, another library's entry, truncated bytes) is a
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ _STR = _MAGIC + b"s"
 _JSON = _MAGIC + b"j"
 _MODEL = _MAGIC + b"m"
 _KIND_LEN = len(_STR)
+_LENGTH = struct.Struct(">I")
 _HEADER_LEN = _KIND_LEN + 4
 _MAX_PAYLOAD = 2**32 - 1
 # None is not among them: a cache answers None for a miss
@@ -158,12 +160,16 @@ class ValueCodec:
         """
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
-        header = data[:_KIND_LEN]
-        if int.from_bytes(data[_KIND_LEN:_HEADER_LEN], "big") != len(data) - _HEADER_LEN:
+        if (
+            len(data) < _HEADER_LEN
+            or _LENGTH.unpack_from(data, _KIND_LEN)[0] != len(data) - _HEADER_LEN
+        ):
             raise CorruptEntryError("stored value was not written by aiocache_llm, or is truncated")
         try:
-            if header == _STR:
+            # text first, compared in place: the common answer, decoded with one copy
+            if data.startswith(_STR):
                 return data[_HEADER_LEN:].decode("utf-8")
+            header = data[:_KIND_LEN]
             if header == _JSON:
                 value = orjson.loads(memoryview(data)[_HEADER_LEN:])
                 if type(value) in _JSON_TYPES:
@@ -193,7 +199,7 @@ class ValueCodec:
 def _frame(kind: bytes, payload: bytes) -> bytes:
     if len(payload) > _MAX_PAYLOAD:
         raise ValueTooLargeError(f"value is {len(payload)} bytes encoded, above 4 GiB")
-    return kind + len(payload).to_bytes(4, "big") + payload
+    return kind + _LENGTH.pack(len(payload)) + payload
 
 
 def _utf8(text: str) -> bytes:
