@@ -1,12 +1,14 @@
-"""``deadline(seconds)``: an ``async with`` block that raises ``TimeoutError`` when it overruns.
+"""Deadlines for ``async with`` blocks: raise ``TimeoutError`` when the body overruns.
 
-Every Redis operation behind a guard runs inside one, so it must be cheap. Between
+Every Redis operation behind a guard runs under one, so it must be cheap. Between
 two network round trips (caches cold) ``asyncio.timeout`` measured about 10 us per
-use and a bare ``loop.call_later`` timer about 5 us; :class:`_Deadline` is that
-timer plus the bookkeeping ``asyncio.timeout`` does with ``Task.cancelling()`` and
-``Task.uncancel()``, so that a cancellation from outside (or from an enclosing
-timeout) is never mistaken for ours and never swallowed. Python 3.10 has no
-``uncancel``: there, ``anyio.fail_after`` does the job.
+use and a timer created and cancelled per call about 5-8 us. A :class:`Watchdog`
+serves all the calls of one guard with a single armed timer (about 1 us per call),
+and :func:`deadline` is a watchdog for one call. Both do the bookkeeping
+``asyncio.timeout`` does with ``Task.cancelling()`` and ``Task.uncancel()``, so a
+cancellation from outside (or from an enclosing timeout) is never mistaken for
+theirs and never swallowed. Python 3.10 has no ``uncancel``: there,
+``anyio.fail_after`` does the job.
 """
 
 from __future__ import annotations
@@ -29,82 +31,7 @@ def deadline(seconds: float) -> AbstractAsyncContextManager[Any]:
     At the deadline the body is cancelled and ``TimeoutError`` is raised from the
     ``async with``. A cancellation of the task from elsewhere propagates unchanged.
     """
-    if sys.version_info >= (3, 11):
-        return _Deadline(seconds)
-    return _AsyncAdapter(anyio.fail_after(seconds))
-
-
-if sys.version_info >= (3, 11):
-    # Task.cancelling() and Task.uncancel() are 3.11+
-
-    class _Watch(AbstractAsyncContextManager[None]):
-        """One call under a :class:`Watchdog`: the same bookkeeping as :class:`_Deadline`."""
-
-        __slots__ = ("_cancelling", "_expired", "_task", "_watchdog", "started")
-
-        def __init__(self, watchdog: Watchdog) -> None:
-            self._watchdog = watchdog
-            self._expired = False
-
-        async def __aenter__(self) -> None:
-            task = asyncio.current_task()
-            if task is None:
-                raise RuntimeError("a watched call must run inside a task")
-            self._task = task
-            self._cancelling = task.cancelling()
-            self.started = asyncio.get_running_loop().time()
-            self._watchdog._start(self)
-
-        def expire(self) -> None:
-            self._expired = True
-            self._task.cancel()
-
-        async def __aexit__(
-            self,
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> None:
-            self._watchdog._stop(self)
-            if not self._expired:
-                return
-            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
-                raise TimeoutError from exc
-
-    class _Deadline(AbstractAsyncContextManager[None]):
-        """One armed timer that cancels the current task; see the module docstring."""
-
-        __slots__ = ("_cancelling", "_expired", "_handle", "_seconds", "_task")
-
-        def __init__(self, seconds: float) -> None:
-            self._seconds = seconds
-            self._expired = False
-
-        async def __aenter__(self) -> None:
-            task = asyncio.current_task()
-            if task is None:
-                raise RuntimeError("deadline() must be used inside a task")
-            self._task = task
-            # cancellations already requested before we start are not ours to absorb
-            self._cancelling = task.cancelling()
-            self._handle = asyncio.get_running_loop().call_later(self._seconds, self._expire)
-
-        def _expire(self) -> None:
-            self._expired = True
-            self._task.cancel()
-
-        async def __aexit__(
-            self,
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> None:
-            self._handle.cancel()
-            if not self._expired:
-                return
-            # withdraw our own cancellation; only if no one else's remains is it a timeout
-            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
-                raise TimeoutError from exc
+    return Watchdog(seconds).watch()
 
 
 class Watchdog:
@@ -113,10 +40,8 @@ class Watchdog:
     All watched calls share the same timeout, so the oldest in flight always expires
     first: one timer, armed for it, covers every call. It is re-armed only when it
     fires (for the next oldest), not per call, so a watched call costs a dict insert
-    and delete instead of creating and cancelling a timer (measured: about 1 us
-    instead of 8 us per call between network round trips). Use ``async with
-    watchdog.watch():``; an overrun raises ``TimeoutError`` exactly like
-    :func:`deadline`. On Python 3.10 every watch falls back to :func:`deadline`.
+    and delete instead of creating and cancelling a timer. Use ``async with
+    watchdog.watch():``; an overrun raises ``TimeoutError``.
     """
 
     __slots__ = ("_timeout", "_timer", "_watches")
@@ -130,7 +55,7 @@ class Watchdog:
         """Return the deadline of one call: ``timeout`` seconds from entering it."""
         if sys.version_info >= (3, 11):
             return _Watch(self)
-        return deadline(self._timeout)
+        return _AsyncAdapter(anyio.fail_after(self._timeout))
 
     def _start(self, watch: Any) -> None:
         self._watches[watch] = watch
@@ -154,6 +79,46 @@ class Watchdog:
                 return
             del watches[oldest]
             oldest.expire()
+
+
+if sys.version_info >= (3, 11):
+    # Task.cancelling() and Task.uncancel() are 3.11+
+
+    class _Watch(AbstractAsyncContextManager[None]):
+        """One call under a :class:`Watchdog`: it cancels the task when told to expire."""
+
+        __slots__ = ("_cancelling", "_expired", "_task", "_watchdog", "started")
+
+        def __init__(self, watchdog: Watchdog) -> None:
+            self._watchdog = watchdog
+            self._expired = False
+
+        async def __aenter__(self) -> None:
+            task = asyncio.current_task()
+            if task is None:
+                raise RuntimeError("a deadline must be used inside a task")
+            self._task = task
+            # cancellations already requested before we start are not ours to absorb
+            self._cancelling = task.cancelling()
+            self.started = asyncio.get_running_loop().time()
+            self._watchdog._start(self)
+
+        def expire(self) -> None:
+            self._expired = True
+            self._task.cancel()
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None:
+            self._watchdog._stop(self)
+            if not self._expired:
+                return
+            # withdraw our own cancellation; only if no one else's remains is it a timeout
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
 
 
 class _AsyncAdapter(AbstractAsyncContextManager[Any]):

@@ -133,6 +133,20 @@ class RedisBackend(AsyncResource):
         if self._owns_client:
             await self._redis.aclose()
 
+    async def _entry_count(self, index_key: str | None, pattern: str) -> int:
+        """How many entries the backend holds: O(1) from a bounded cache's index
+        (``ZCARD``), else O(keys in the database) counting ``pattern`` with SCAN."""
+        try:
+            if index_key is not None:
+                count: int = await self._redis.zcard(index_key)
+                return count
+            count = 0
+            async for _ in self._redis.scan_iter(match=pattern, count=1000):
+                count += 1
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "stats") from exc
+        return count
+
     async def _delete_matching(self, pattern: str, *, batch: int = 500) -> int:
         """Delete the keys matching the glob ``pattern`` with SCAN (never KEYS).
 

@@ -268,15 +268,8 @@ class RedisExactCache(RedisBackend):
     async def stats(self) -> CacheStats:
         """Return this process's hits and misses and the size held in Redis."""
         self._check_open()
-        try:
-            if self._max_size:
-                size = await self._redis.zcard(self._index_key)
-            else:
-                size = 0
-                async for _ in self._redis.scan_iter(match=self._entry_pattern, count=1000):
-                    size += 1
-        except DRIVER_ERRORS as exc:
-            raise backend_error(exc, "stats") from exc
+        index = self._index_key if self._max_size else None
+        size = await self._entry_count(index, self._entry_pattern)
         return CacheStats(
             hits=self._hits,
             misses=self._misses,

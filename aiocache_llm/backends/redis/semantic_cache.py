@@ -272,15 +272,8 @@ class RedisSemanticCache(RedisBackend):
     async def stats(self) -> CacheStats:
         """Return this process's hits, misses, evictions and corrupt entries; the size in Redis."""
         self._check_open()
-        try:
-            if self._max_size:
-                size = await self._redis.zcard(self._lru_key)
-            else:
-                size = 0
-                async for _ in self._redis.scan_iter(match=self._value_pattern, count=1000):
-                    size += 1
-        except DRIVER_ERRORS as exc:
-            raise backend_error(exc, "stats") from exc
+        index = self._lru_key if self._max_size else None
+        size = await self._entry_count(index, self._value_pattern)
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
