@@ -1,10 +1,12 @@
-"""Deadlines for ``async with`` blocks: raise ``TimeoutError`` when the body overruns.
+"""Deadlines for ``with`` blocks in a task: raise ``TimeoutError`` when the body overruns.
 
 Every Redis operation behind a guard runs under one, so it must be cheap. Between
 two network round trips (caches cold) ``asyncio.timeout`` measured about 10 us per
 use and a timer created and cancelled per call about 5-8 us. A :class:`Watchdog`
-serves all the calls of one guard with a single armed timer (about 1 us per call),
-and :func:`deadline` is a watchdog for one call. Both do the bookkeeping
+serves all the calls of one guard with a single armed timer, and :func:`deadline`
+is a watchdog for one call. They are plain (synchronous) context managers, entered
+with ``with`` around the awaits they bound, like ``anyio.fail_after``: an
+``async with`` would cost two coroutines per call for nothing. Both do the bookkeeping
 ``asyncio.timeout`` does with ``Task.cancelling()`` and ``Task.uncancel()``, so a
 cancellation from outside (or from an enclosing timeout) is never mistaken for
 theirs and never swallowed. Python 3.10 has no ``uncancel``: there,
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import OrderedDict
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
@@ -25,8 +27,8 @@ import anyio
 __all__ = ["Watchdog", "deadline"]
 
 
-def deadline(seconds: float) -> AbstractAsyncContextManager[Any]:
-    """Return a context manager bounding its body to ``seconds``; use as ``async with``.
+def deadline(seconds: float) -> AbstractContextManager[Any]:
+    """Return a context manager bounding its body to ``seconds``; use as ``with`` in a task.
 
     At the deadline the body is cancelled and ``TimeoutError`` is raised from the
     ``async with``. A cancellation of the task from elsewhere propagates unchanged.
@@ -40,8 +42,8 @@ class Watchdog:
     All watched calls share the same timeout, so the oldest in flight always expires
     first: one timer, armed for it, covers every call. It is re-armed only when it
     fires (for the next oldest), not per call, so a watched call costs a dict insert
-    and delete instead of creating and cancelling a timer. Use ``async with
-    watchdog.watch():``; an overrun raises ``TimeoutError``.
+    and delete instead of creating and cancelling a timer. Use ``with
+    watchdog.watch():`` inside a task; an overrun raises ``TimeoutError``.
     """
 
     __slots__ = ("_timeout", "_timer", "_watches")
@@ -51,11 +53,11 @@ class Watchdog:
         self._watches: OrderedDict[object, Any] = OrderedDict()  # oldest first
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(self) -> AbstractAsyncContextManager[Any]:
+    def watch(self) -> AbstractContextManager[Any]:
         """Return the deadline of one call: ``timeout`` seconds from entering it."""
         if sys.version_info >= (3, 11):
             return _Watch(self)
-        return _AsyncAdapter(anyio.fail_after(self._timeout))
+        return anyio.fail_after(self._timeout)
 
     def _start(self, watch: Any) -> None:
         self._watches[watch] = watch
@@ -84,7 +86,7 @@ class Watchdog:
 if sys.version_info >= (3, 11):
     # Task.cancelling() and Task.uncancel() are 3.11+
 
-    class _Watch(AbstractAsyncContextManager[None]):
+    class _Watch(AbstractContextManager[None]):
         """One call under a :class:`Watchdog`: it cancels the task when told to expire."""
 
         __slots__ = ("_cancelling", "_expired", "_task", "_watchdog", "started")
@@ -93,7 +95,7 @@ if sys.version_info >= (3, 11):
             self._watchdog = watchdog
             self._expired = False
 
-        async def __aenter__(self) -> None:
+        def __enter__(self) -> None:
             task = asyncio.current_task()
             if task is None:
                 raise RuntimeError("a deadline must be used inside a task")
@@ -107,7 +109,7 @@ if sys.version_info >= (3, 11):
             self._expired = True
             self._task.cancel()
 
-        async def __aexit__(
+        def __exit__(
             self,
             exc_type: type[BaseException] | None,
             exc: BaseException | None,
@@ -119,18 +121,3 @@ if sys.version_info >= (3, 11):
             # withdraw our own cancellation; only if no one else's remains is it a timeout
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
-
-
-class _AsyncAdapter(AbstractAsyncContextManager[Any]):
-    """Lets the synchronous ``anyio.fail_after`` scope be entered with ``async with``."""
-
-    __slots__ = ("_scope",)
-
-    def __init__(self, scope: AbstractContextManager[Any]) -> None:
-        self._scope = scope
-
-    async def __aenter__(self) -> Any:
-        return self._scope.__enter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return self._scope.__exit__(*exc_info)

@@ -112,7 +112,7 @@ class BackendGuard:
             if self._watchdog is None:
                 result = await fn()
             else:
-                async with self._watchdog.watch():
+                with self._watchdog.watch():
                     result = await fn()
             settled = True
         except RateLimitExceeded:

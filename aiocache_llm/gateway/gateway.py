@@ -421,7 +421,7 @@ class InferenceGateway(AsyncResource):
         if self._provider_timeout is None:
             return await pending
         try:
-            async with deadline(self._provider_timeout):
+            with deadline(self._provider_timeout):
                 return await pending
         except TimeoutError as exc:
             raise ProviderTimeoutError(

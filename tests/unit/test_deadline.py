@@ -14,7 +14,7 @@ pytestmark = pytest.mark.looptime
 
 
 async def test_a_body_within_the_deadline_returns_normally() -> None:
-    async with deadline(1.0):
+    with deadline(1.0):
         await asyncio.sleep(0.5)
     await asyncio.sleep(2)  # the timer was disarmed: nothing fires later
 
@@ -22,9 +22,8 @@ async def test_a_body_within_the_deadline_returns_normally() -> None:
 async def test_an_overrun_raises_timeout_error_at_the_deadline() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(TimeoutError):
-        async with deadline(1.0):
-            await asyncio.sleep(10)
+    with pytest.raises(TimeoutError), deadline(1.0):
+        await asyncio.sleep(10)
     assert loop.time() - started == pytest.approx(1.0)
     if sys.version_info >= (3, 11):
         current = asyncio.current_task()
@@ -34,7 +33,7 @@ async def test_an_overrun_raises_timeout_error_at_the_deadline() -> None:
 
 async def test_an_outside_cancellation_propagates_as_cancellation() -> None:
     async def body() -> None:
-        async with deadline(10.0):
+        with deadline(10.0):
             await asyncio.sleep(100)
 
     task = asyncio.ensure_future(body())
@@ -46,7 +45,7 @@ async def test_an_outside_cancellation_propagates_as_cancellation() -> None:
 
 async def test_an_outside_cancellation_racing_the_deadline_stays_a_cancellation() -> None:
     async def body() -> None:
-        async with deadline(1.0):
+        with deadline(1.0):
             await asyncio.sleep(100)
 
     task = asyncio.ensure_future(body())
@@ -62,9 +61,9 @@ async def test_nested_deadlines_each_raise_their_own_timeout() -> None:
 
     async def nested() -> None:
         nonlocal inner_timed_out
-        async with deadline(5.0):
+        with deadline(5.0):
             try:
-                async with deadline(1.0):
+                with deadline(1.0):
                     await asyncio.sleep(10)
             except TimeoutError:
                 inner_timed_out = True
@@ -78,17 +77,18 @@ async def test_nested_deadlines_each_raise_their_own_timeout() -> None:
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
 async def test_an_enclosing_asyncio_timeout_keeps_working() -> None:
     async def enclosed() -> None:
-        async with asyncio.timeout(1.0), deadline(5.0):
-            await asyncio.sleep(10)
+        async with asyncio.timeout(1.0):
+            with deadline(5.0):
+                await asyncio.sleep(10)
 
     with pytest.raises(TimeoutError):
         await enclosed()
 
 
 async def test_a_body_that_swallows_our_cancellation_does_not_leave_it_pending() -> None:
-    async with deadline(1.0):
-        with contextlib.suppress(asyncio.CancelledError):  # a body that insists on finishing
-            await asyncio.sleep(10)
+    # a body that insists on finishing
+    with deadline(1.0), contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(10)
     await asyncio.sleep(0.1)  # no stray cancellation hits us here
 
 
@@ -98,7 +98,7 @@ async def test_a_body_that_swallows_our_cancellation_does_not_leave_it_pending()
 async def _watched(watchdog: Watchdog, seconds: float) -> float:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with watchdog.watch():
+    with watchdog.watch():
         await asyncio.sleep(seconds)
     return loop.time() - started
 

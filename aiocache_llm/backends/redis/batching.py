@@ -1,8 +1,10 @@
 """Automatic batching: concurrent commands on one client share round trips.
 
-While nothing is in flight, a command is sent at once on its own: a lone caller
-pays nothing. Commands that arrive while one is in flight queue up; when it
-returns, everything queued leaves together (at most ``max_batch``), and so on.
+While nothing is in flight, a command is sent at once on its own, on the batcher's
+:class:`CommandLane` (one connection held from the client's pool): a lone caller
+pays less than a plain ``execute_command``. Commands that arrive while one is in
+flight queue up; when it returns, everything queued leaves together (at most
+``max_batch``), and so on.
 Under concurrency this turns N round trips and N reply parses into one, which is
 where redis-py spends most of its time per command.
 
@@ -25,6 +27,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
+from aiocache_llm.backends.redis.lane import CommandLane
 
 __all__ = ["GetBatcher", "ScriptBatcher"]
 
@@ -38,6 +41,7 @@ class _Batcher(Generic[Request]):
 
     def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
         self._redis = redis
+        self._lane = CommandLane(redis)
         self._max_batch = max_batch
         self._queued: list[tuple[Request, asyncio.Future[Any]]] = []
         self._in_flight = False
@@ -105,6 +109,10 @@ class _Batcher(Generic[Request]):
             self._in_flight = False
             self._send_queued()
 
+    async def aclose(self) -> None:
+        """Give the lane's connection back to the client's pool (used again, it re-takes one)."""
+        await self._lane.aclose()
+
     def _operation_of(self, request: Request) -> str:
         """The operation an error of ``request`` is reported under."""
         return self.operation
@@ -128,10 +136,12 @@ class GetBatcher(_Batcher[str]):
         return value
 
     async def _send_one(self, request: str) -> Any:
-        return await self._redis.get(request)
+        return await self._lane.execute("GET", request)
 
     async def _send_many(self, requests: list[str]) -> Sequence[Any]:
-        return await self._redis.mget(requests)
+        # batches never overlap a lone command: the lane is free
+        result: Sequence[Any] = await self._lane.execute("MGET", *requests)
+        return result
 
 
 ScriptRun = tuple[Sequence[Any], Sequence[Any], str]
@@ -167,9 +177,7 @@ class ScriptBatcher(_Batcher[ScriptRun]):
         keys, args, _ = request
         # EVALSHA directly: Script.__call__ costs a few us more per run (measured)
         try:
-            return await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", self._script.sha, len(keys), *keys, *args
-            )
+            return await self._lane.execute("EVALSHA", self._script.sha, len(keys), *keys, *args)
         except redis_errors.NoScriptError:
             return await self._script(keys=keys, args=args)  # loads it, then runs it
 

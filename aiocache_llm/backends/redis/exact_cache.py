@@ -277,3 +277,7 @@ class RedisExactCache(RedisBackend):
             evictions=self._evictions,
             corrupt_entries=self._corrupt,
         )
+
+    async def _release(self) -> None:
+        await self._reads.aclose()
+        await super()._release()

@@ -577,4 +577,5 @@ class RedisRateLimiter(RedisBackend):
 
     async def _release(self) -> None:
         self._queues.wake_all()
+        await self._consume.aclose()
         await super()._release()

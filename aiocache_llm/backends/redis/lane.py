@@ -1,0 +1,86 @@
+"""``CommandLane``: one pooled connection, held, for commands sent one at a time.
+
+``Redis.execute_command`` borrows a connection from the pool for every command and
+gives it back: two pool-lock acquisitions, observability hooks and a retry wrapper
+around each send. On loopback that measured about 50 us of a 170 us ``GET`` (redis-py
+8.1). A batcher never has more than one command in flight, so it keeps one
+connection checked out of the client's pool and talks on it directly.
+
+- The connection is the pool's own (same address, credentials, TLS, timeouts,
+  protocol), taken on first use and held until :meth:`aclose`; closing the client
+  disconnects it like any other in-use connection, and the next command reconnects.
+- A pool too small to spare a connection (``max_connections`` below
+  :data:`MIN_POOL_SIZE`) is never held from: commands then go through the client.
+- Before each command the connection is checked as the pool checks it at checkout
+  (a socket the server closed is reconnected first), so a server restart costs no
+  failed command. Commands are never resent: a command whose reply was lost may have been applied.
+- Cancellation or an error in mid-command drops the connection (redis-py disconnects
+  it), so a late reply can never be read as the answer to the next command.
+
+Not safe for concurrent use: the owner sends one command at a time, and a second
+concurrent command raises ``RuntimeError`` instead of interleaving replies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+__all__ = ["MIN_POOL_SIZE", "CommandLane"]
+
+MIN_POOL_SIZE = 8
+"""Pools with fewer connections than this are left whole to the application."""
+
+
+class CommandLane:
+    """Sends commands of one owner, one at a time, on a connection held from the pool."""
+
+    __slots__ = ("_busy", "_connection", "_redis", "_shared")
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._connection: AbstractConnection | None = None
+        self._shared = redis.connection_pool.max_connections < MIN_POOL_SIZE
+        self._busy = False
+
+    def __repr__(self) -> str:
+        held = "shared pool" if self._shared else f"held={self._connection is not None}"
+        return f"CommandLane({held}, busy={self._busy})"
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return the server's reply as parsed, without redis-py's
+        per-command response callbacks (``SET`` gives ``b"OK"``, not ``True``); raises
+        what redis-py raises.
+
+        A Redis error reply raises its ``ResponseError`` subclass (e.g. ``NoScriptError``).
+        """
+        if self._shared:
+            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+        if self._busy:
+            raise RuntimeError("a CommandLane carries one command at a time")
+        self._busy = True
+        try:
+            pool = self._redis.connection_pool
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            else:
+                # what the pool checks at every checkout: a socket the server closed
+                # (a restart) is replaced before the command, not failed by it
+                await pool.ensure_connection(connection)
+            await connection.send_command(*args)
+            return await connection.read_response()
+        finally:
+            self._busy = False
+
+    async def aclose(self) -> None:
+        """Give the held connection back to the pool; the lane may be used again after."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._busy:
+            # a reply is still due on it: no one else may ever read that reply
+            await connection.disconnect(nowait=True)
+        await self._redis.connection_pool.release(connection)
