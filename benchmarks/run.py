@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import importlib.metadata
 import os
@@ -148,6 +149,7 @@ async def run_all(ctx: Context, names: list[str]) -> list[Section]:
     sections = []
     for name in names:
         module = importlib.import_module(f"benchmarks.scenarios.{name}")
+        gc.collect()  # no scenario pays for collecting the garbage of the one before
         started = time.perf_counter()
         print(f"[{name}] running...", flush=True)
         section: Section = await module.run(ctx)
