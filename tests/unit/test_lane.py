@@ -132,3 +132,22 @@ async def test_closing_the_client_disconnects_the_held_connection(
     assert await lane.execute("ECHO", "again") == b"again"  # it reconnects
     await lane.aclose()
     await client.aclose()
+
+
+@pytest.mark.redis
+async def test_aclose_during_a_command_fails_it_and_then_returns_the_connection(
+    real_redis: RedisTarget,
+) -> None:
+    lane = CommandLane(real_redis.client)
+    key = f"{real_redis.prefix}:list"
+    blocked = asyncio.ensure_future(lane.execute("BLPOP", key, 5))
+    await asyncio.sleep(0.1)
+    await lane.aclose()
+    assert _in_use(real_redis.client) == 1  # still the blocked command's until it ends
+    with pytest.raises(redis_errors.ConnectionError):
+        await blocked
+    assert _in_use(real_redis.client) == 0
+    await real_redis.client.lpush(key, "late")
+    assert await lane.execute("ECHO", "mine") == b"mine"
+    assert await real_redis.client.lrange(key, 0, -1) == [b"late"]
+    await lane.aclose()

@@ -80,10 +80,15 @@ class MemoryExactCache(AsyncResource):
         Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a query
         that cannot be keyed.
         """
-        return await self.get_by_signature(self._keys.digest(query))
+        return self._lookup(self._keys.digest(query))
 
     async def get_by_signature(self, digest: str) -> Any | None:
         """:meth:`get` for a digest already computed with :meth:`signature`."""
+        return self._lookup(digest)
+
+    def _lookup(self, digest: str) -> Any | None:
+        # shared by both reads, called without a coroutine of its own: this is the
+        # whole cost of a hit besides the digest
         self._check_open()
         entry = self._entries.get(digest)
         if entry is not None:

@@ -37,13 +37,14 @@ MIN_POOL_SIZE = 8
 class CommandLane:
     """Sends commands of one owner, one at a time, on a connection held from the pool."""
 
-    __slots__ = ("_busy", "_connection", "_redis", "_shared")
+    __slots__ = ("_busy", "_connection", "_redis", "_release_when_done", "_shared")
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._connection: AbstractConnection | None = None
         self._shared = redis.connection_pool.max_connections < MIN_POOL_SIZE
         self._busy = False
+        self._release_when_done = False
 
     def __repr__(self) -> str:
         held = "shared pool" if self._shared else f"held={self._connection is not None}"
@@ -74,13 +75,24 @@ class CommandLane:
             return await connection.read_response()
         finally:
             self._busy = False
+            if self._release_when_done:
+                await self.aclose()
 
     async def aclose(self) -> None:
-        """Give the held connection back to the pool; the lane may be used again after."""
-        connection, self._connection = self._connection, None
+        """Give the held connection back to the pool; the lane may be used again after.
+
+        A command in flight fails (its connection is dropped): the connection goes back
+        to the pool only once that command has let go of it.
+        """
+        connection = self._connection
         if connection is None:
             return
         if self._busy:
-            # a reply is still due on it: no one else may ever read that reply
+            # its reply may never be read by anyone else: drop the socket now, and let
+            # the command release the connection when it ends
+            self._release_when_done = True
             await connection.disconnect(nowait=True)
+            return
+        self._connection = None
+        self._release_when_done = False
         await self._redis.connection_pool.release(connection)
