@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis import exceptions as redis_errors
@@ -23,6 +24,22 @@ async def target(request: pytest.FixtureRequest) -> AsyncIterator[RedisTarget]:
 
 def _in_use(client: Redis) -> int:
     return len(client.connection_pool._in_use_connections)
+
+
+async def _blocked_pop(lane: CommandLane, target: RedisTarget) -> tuple[str, asyncio.Future[Any]]:
+    """A BLPOP on an empty list, left waiting on the lane's connection."""
+    key = f"{target.prefix}:list"
+    blocked = asyncio.ensure_future(lane.execute("BLPOP", key, 5))
+    await asyncio.sleep(0.1)
+    return key, blocked
+
+
+async def _assert_no_stale_reply(lane: CommandLane, target: RedisTarget, key: str) -> None:
+    # had the abandoned BLPOP's connection been kept, the server would hand it this
+    # element, and the ECHO below would read that reply instead of its own
+    await target.client.lpush(key, "late")
+    assert await lane.execute("ECHO", "mine") == b"mine"
+    assert await target.client.lrange(key, 0, -1) == [b"late"]
 
 
 async def test_commands_share_one_connection_held_until_aclose(target: RedisTarget) -> None:
@@ -84,17 +101,11 @@ async def test_a_cancelled_command_never_leaves_its_reply_for_the_next(
     real_redis: RedisTarget,
 ) -> None:
     lane = CommandLane(real_redis.client)
-    key = f"{real_redis.prefix}:list"
-    blocked = asyncio.ensure_future(lane.execute("BLPOP", key, 5))
-    await asyncio.sleep(0.1)
+    key, blocked = await _blocked_pop(lane, real_redis)
     blocked.cancel()
     with pytest.raises(asyncio.CancelledError):
         await blocked
-    # had the connection been kept, the server would hand this element to the
-    # abandoned BLPOP and the ECHO below would read that reply
-    await real_redis.client.lpush(key, "late")
-    assert await lane.execute("ECHO", "mine") == b"mine"
-    assert await real_redis.client.lrange(key, 0, -1) == [b"late"]
+    await _assert_no_stale_reply(lane, real_redis, key)
     await lane.aclose()
 
 
@@ -139,15 +150,11 @@ async def test_aclose_during_a_command_fails_it_and_then_returns_the_connection(
     real_redis: RedisTarget,
 ) -> None:
     lane = CommandLane(real_redis.client)
-    key = f"{real_redis.prefix}:list"
-    blocked = asyncio.ensure_future(lane.execute("BLPOP", key, 5))
-    await asyncio.sleep(0.1)
+    key, blocked = await _blocked_pop(lane, real_redis)
     await lane.aclose()
     assert _in_use(real_redis.client) == 1  # still the blocked command's until it ends
     with pytest.raises(redis_errors.ConnectionError):
         await blocked
     assert _in_use(real_redis.client) == 0
-    await real_redis.client.lpush(key, "late")
-    assert await lane.execute("ECHO", "mine") == b"mine"
-    assert await real_redis.client.lrange(key, 0, -1) == [b"late"]
+    await _assert_no_stale_reply(lane, real_redis, key)
     await lane.aclose()
