@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,11 +39,11 @@ from aiocache_llm import (
 )
 from tests.conftest import RedisTarget
 from tests.support.redis_server import RedisServer
+from tests.support.workers import run_together, start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 WORKER = Path(__file__).with_name("chat_memory_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONV = "shared conversation ✓"
 
 PROCESSES = 4
@@ -57,44 +54,14 @@ APPENDS = 50  # per stream
 # -- several processes, one conversation -----------------------------------------------
 
 
-async def start_worker(
-    target: RedisTarget, writer: int, max_turns: int
-) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [target.url, target.prefix, CONV, f"p{writer}", max_turns, STREAMS, APPENDS]
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WORKER),
-        *map(str, args),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-    )
-
-
 async def run_workers(target: RedisTarget, max_turns: int) -> list[dict[str, Any]]:
-    workers = [await start_worker(target, writer, max_turns) for writer in range(PROCESSES)]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            assert await asyncio.wait_for(worker.stdout.readline(), 20) == b"ready\n"
-        for worker in workers:  # every worker is connected: start them together
-            assert worker.stdin is not None
-            worker.stdin.write(b"go\n")
-            await worker.stdin.drain()
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(worker.communicate() for worker in workers)), 60
+    workers = [
+        await start_worker(
+            WORKER, target.url, target.prefix, CONV, f"p{writer}", max_turns, STREAMS, APPENDS
         )
-    finally:
-        for worker in workers:
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
-    assert [worker.returncode for worker in workers] == [0] * PROCESSES
-    return [json.loads(stdout) for stdout, _ in outputs]
+        for writer in range(PROCESSES)
+    ]
+    return await run_together(workers, ready_timeout=20, run_timeout=60)
 
 
 def parse(history: list[dict[str, Any]]) -> dict[str, list[int]]:

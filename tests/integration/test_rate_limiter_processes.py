@@ -8,21 +8,17 @@ tokens granted across all processes must add up to exactly the budget.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from aiocache_llm import RateLimitConfig, RedisRateLimiter
 from tests.conftest import RedisTarget
+from tests.support.workers import run_together, start_worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 
 WORKER = Path(__file__).with_name("rate_limit_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PROCESSES = 4
 COROUTINES = 32
@@ -31,43 +27,14 @@ WINDOW = 300.0
 USER = "shared user ✓"
 
 
-async def start_worker(target: RedisTarget, seed: int) -> asyncio.subprocess.Process:
-    # the workers import this checkout's package, whatever is installed
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [target.url, target.prefix, USER, BUDGET, WINDOW, COROUTINES, seed]
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WORKER),
-        *map(str, args),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-    )
-
-
 async def run_workers(target: RedisTarget) -> list[dict[str, int]]:
-    workers = [await start_worker(target, seed) for seed in range(PROCESSES)]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            assert await asyncio.wait_for(worker.stdout.readline(), 10) == b"ready\n"
-        for worker in workers:  # every worker is connected: start them together
-            assert worker.stdin is not None
-            worker.stdin.write(b"go\n")
-            await worker.stdin.drain()
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(worker.communicate() for worker in workers)), 30
+    workers = [
+        await start_worker(
+            WORKER, target.url, target.prefix, USER, BUDGET, WINDOW, COROUTINES, seed
         )
-    finally:
-        for worker in workers:
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
-    assert [worker.returncode for worker in workers] == [0] * PROCESSES
-    return [json.loads(stdout) for stdout, _ in outputs]
+        for seed in range(PROCESSES)
+    ]
+    return await run_together(workers, ready_timeout=10, run_timeout=30)
 
 
 async def test_processes_together_are_granted_exactly_the_budget(
