@@ -20,6 +20,7 @@ from aiocache_llm.core.errors import (
     InvalidInputTypeError,
     ValueTooLargeError,
 )
+from tests.properties.checks import assert_identical
 
 CODEC = ValueCodec()
 
@@ -38,21 +39,6 @@ json_trees = st.recursive(
 )
 # None is the one JSON value a cache cannot hold: get() answers None for a miss
 storable_json = json_trees.filter(lambda value: value is not None)
-
-
-def assert_identical(got: Any, expected: Any) -> None:
-    """Equal, and of exactly the same type at every depth (so True never becomes 1)."""
-    assert type(got) is type(expected)
-    if isinstance(expected, dict):
-        assert list(got) == list(expected)
-        for key, value in expected.items():
-            assert_identical(got[key], value)
-    elif isinstance(expected, list):
-        assert len(got) == len(expected)
-        for got_item, item in zip(got, expected, strict=True):
-            assert_identical(got_item, item)
-    else:
-        assert got == expected
 
 
 @given(value=storable_json)
