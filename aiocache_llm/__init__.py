@@ -28,6 +28,8 @@ from aiocache_llm.core.errors import (
     InvalidInputTypeError,
     ProviderTimeoutError,
     RateLimitExceeded,
+    RemoteProviderError,
+    StreamInterruptedError,
     ValueTooLargeError,
 )
 from aiocache_llm.core.guard import BreakerState
@@ -38,12 +40,14 @@ from aiocache_llm.core.query import (
     default_normalize,
     signature,
 )
+from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
 from aiocache_llm.core.values import LLMResponse, Usage
 from aiocache_llm.embedders import HashingEmbedder
-from aiocache_llm.gateway.decorator import CachedFunction, cached_completion
+from aiocache_llm.gateway.decorator import CachedFunction, CachedStreamFunction, cached_completion
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.stats import GatewayStats
+from aiocache_llm.gateway.streaming import ChunkStream
 from aiocache_llm.gateway.tokens import estimate_tokens
 from aiocache_llm.gateway.warm import WarmFailure, WarmReport
 from aiocache_llm.protocols import (
@@ -59,6 +63,7 @@ __all__ = [
     # values and keys
     "LLMResponse",
     "Usage",
+    "RecordedStream",
     "CacheStats",
     "RateLimiterStats",
     "ChatMemoryStats",
@@ -93,12 +98,14 @@ __all__ = [
     # layer 3: gateway and decorator
     "InferenceGateway",
     "GatewayStats",
+    "ChunkStream",
     "WarmReport",
     "WarmFailure",
     "BreakerState",
     "estimate_tokens",
     "cached_completion",
     "CachedFunction",
+    "CachedStreamFunction",
     # errors
     "AiocacheLLMError",
     "InvalidInputError",
@@ -110,4 +117,6 @@ __all__ = [
     "ClosedResourceError",
     "ProviderTimeoutError",
     "RateLimitExceeded",
+    "StreamInterruptedError",
+    "RemoteProviderError",
 ]

@@ -34,12 +34,13 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.commands.core import AsyncScript
 
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
 from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.validation import check_positive_number
 
-__all__ = ["FleetCoalescer"]
+__all__ = ["RENEW_LEASE", "FleetCoalescer", "keep_renewing"]
 
 logger = logging.getLogger("aiocache_llm.coalescing")
 
@@ -94,6 +95,21 @@ return 0
 _STORED = b"stored"
 _FAILED = b"failed"
 _UNREACHABLE = object()
+
+
+async def keep_renewing(
+    guard: BackendGuard, renew: AsyncScript, lease_key: str, token: str, lease_ms: int
+) -> None:
+    """Extend a lease every third of its life until cancelled or lost (then log and stop)."""
+    period = lease_ms / 3000
+    while True:
+        await asyncio.sleep(period)
+        renewed: Any = await guard.call(
+            lambda: renew(keys=[lease_key], args=[token, lease_ms]), None
+        )
+        if renewed == 0:
+            logger.warning("fleet lease lost while computing; another process may compute too")
+            return
 
 
 class _Notifier:
@@ -159,7 +175,7 @@ class _Notifier:
         finally:
             self._pubsub = None
             with contextlib.suppress(*DRIVER_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
     async def aclose(self) -> None:
         if self._reader is not None and not self._reader.done():
@@ -307,16 +323,7 @@ class FleetCoalescer:
             )
 
     async def _keep_renewing(self, lease_key: str, token: str) -> None:
-        period = self._lease_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            renewed: Any = await self._guard.call(
-                lambda: self._renew_lease(keys=[lease_key], args=[token, self._lease_ms]),
-                None,
-            )
-            if renewed == 0:
-                logger.warning("fleet lease lost while computing; another process may compute too")
-                return
+        await keep_renewing(self._guard, self._renew_lease, lease_key, token, self._lease_ms)
 
     async def aclose(self) -> None:
         """Stop the notification subscription."""

@@ -9,6 +9,7 @@ kind    value                                       payload
 ``s``   ``str``                                     UTF-8 text
 ``j``   JSON ``dict``, ``list``, number or bool     JSON
 ``m``   pydantic model                              ``type name`` ``\\n`` JSON
+``c``   ``RecordedStream`` (a streamed answer)      its chunks' frames, in order
 ======  ==========================================  ==========================
 
 Decoding never imports or constructs a class named by stored data: the type name of
@@ -34,6 +35,7 @@ from aiocache_llm.core.errors import (
     ValueTooLargeError,
 )
 from aiocache_llm.core.query import canonical_json
+from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.validation import check_size_limit
 from aiocache_llm.core.values import LLMResponse
 
@@ -46,6 +48,7 @@ _MAGIC = b"acl\x01"
 _STR = _MAGIC + b"s"
 _JSON = _MAGIC + b"j"
 _MODEL = _MAGIC + b"m"
+_CHUNKS = _MAGIC + b"c"
 _KIND_LEN = len(_STR)
 _LENGTH = struct.Struct(">I")
 _HEADER_LEN = _KIND_LEN + 4
@@ -125,16 +128,27 @@ class ValueCodec:
             data = _frame(_JSON, payload)
         elif isinstance(value, BaseModel):
             data = self._encode_model(value)
+        elif isinstance(value, RecordedStream):
+            data = _frame(_CHUNKS, b"".join(self.encode_chunk(c) for c in value.chunks))
         else:
             raise InvalidInputTypeError(
                 "a cached value must be a str, a JSON dict/list/number/bool or a pydantic "
                 f"model, got {kind.__name__}"
             )
+        self._check_size(data)
+        return data
+
+    def encode_chunk(self, chunk: object) -> bytes:
+        """:meth:`encode` for one chunk of a stream (which cannot itself be a recording)."""
+        if type(chunk) is RecordedStream:
+            raise InvalidInputTypeError("a stream's chunk cannot itself be a recorded stream")
+        return self.encode(chunk)
+
+    def _check_size(self, data: bytes) -> None:
         if self._max_value_bytes is not None and len(data) > self._max_value_bytes:
             raise ValueTooLargeError(
                 f"value is {len(data)} bytes encoded, above max_value_bytes={self._max_value_bytes}"
             )
-        return data
 
     def _encode_model(self, value: BaseModel) -> bytes:
         cls = type(value)
@@ -176,9 +190,26 @@ class ValueCodec:
                     return value
             elif header == _MODEL:
                 return self._decode_model(data)
+            elif header == _CHUNKS:
+                return RecordedStream(self._decode_chunks(data))
         except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeError, ValidationError
             raise CorruptEntryError(f"stored value cannot be decoded: {exc}") from exc
         raise CorruptEntryError("stored value was not written by aiocache_llm")
+
+    def _decode_chunks(self, data: bytes) -> list[Any]:
+        chunks = []
+        view = memoryview(data)
+        at, end = _HEADER_LEN, len(data)
+        while at < end:
+            if end - at < _HEADER_LEN:
+                raise CorruptEntryError("a recorded stream's chunk frame is truncated")
+            size = _LENGTH.unpack_from(data, at + _KIND_LEN)[0]
+            stop = at + _HEADER_LEN + size
+            if stop > end or data[at : at + _KIND_LEN] == _CHUNKS:
+                raise CorruptEntryError("a recorded stream holds a malformed chunk frame")
+            chunks.append(self.decode(bytes(view[at:stop])))
+            at = stop
+        return chunks
 
     def _decode_model(self, data: bytes) -> BaseModel:
         end = data.find(b"\n", _HEADER_LEN)

@@ -17,6 +17,8 @@ __all__ = [
     "InvalidInputTypeError",
     "ProviderTimeoutError",
     "RateLimitExceeded",
+    "RemoteProviderError",
+    "StreamInterruptedError",
     "ValueTooLargeError",
 ]
 
@@ -77,3 +79,26 @@ class RateLimitExceeded(AiocacheLLMError):
         super().__init__(message)
         self.retry_after = retry_after
         self.user_id = user_id
+
+
+class StreamInterruptedError(AiocacheLLMError):
+    """A shared stream cannot continue for this consumer after it already received chunks.
+
+    Raised when the process producing a stream for the fleet died mid-stream, or when
+    this consumer fell so far behind a stream that outgrew its size bound that the
+    chunks it had not read were dropped. Never raised instead of chunks: what the
+    consumer already received is all true, and nothing is duplicated or spliced. A
+    consumer that had received nothing starts over (and may call the provider) instead.
+    """
+
+
+class RemoteProviderError(AiocacheLLMError):
+    """The provider failed in the process that streamed this answer for the fleet.
+
+    Another process's exception object cannot travel (it is never unpickled): this
+    carries its type name (``error_type``) and message.
+    """
+
+    def __init__(self, message: str, *, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type

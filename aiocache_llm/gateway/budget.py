@@ -92,7 +92,10 @@ class TokenBudget:
 
     async def reconcile(self, user: str, reserved: int, answer: Any) -> None:
         """Charge what ``answer`` reports beyond ``reserved``, or refund what it did not use."""
-        used = reported_tokens(answer)
+        await self.settle(user, reserved, reported_tokens(answer))
+
+    async def settle(self, user: str, reserved: int, used: int | None) -> None:
+        """Charge ``used`` beyond ``reserved``, or refund the rest (None: keep the reservation)."""
         if not reserved or used is None or used == reserved:
             return
         if used > reserved:

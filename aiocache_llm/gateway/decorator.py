@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from aiocache_llm.core.errors import InvalidInputTypeError
+from aiocache_llm.core.validation import check_bool
 from aiocache_llm.gateway.gateway import InferenceGateway
+from aiocache_llm.gateway.streaming import ChunkStream, stream_key_query
 from aiocache_llm.protocols import AsyncExactCache
 
-__all__ = ["CachedFunction", "cached_completion"]
+__all__ = ["CachedFunction", "CachedStreamFunction", "cached_completion"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,13 +42,41 @@ class CachedFunction(Protocol[P, R_co]):
 _INSTANCE_PARAMETERS = frozenset({"self", "cls"})
 
 
+class CachedStreamFunction(Protocol[P, R_co]):
+    """What ``@cached_completion`` returns for an async generator function.
+
+    Call it like the function: it returns a :class:`ChunkStream` of what the
+    function yields (replayed from the cache, or shared live with concurrent equal
+    calls).
+    """
+
+    gateway: InferenceGateway
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> ChunkStream: ...
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> bool: ...
+
+    def cache_query(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def __get__(self, instance: Any, owner: Any) -> Any: ...
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, AsyncIterator[R]]) -> CachedStreamFunction[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]: ...
+
+
 def cached_completion(
     cache: AsyncExactCache | None = None,
     *,
     ttl_seconds: float | None = None,
     key: Callable[..., Any] | None = None,
+    stream: bool = False,
     **gateway_options: Any,
-) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
+) -> _Decorator:
     """Cache an ``async def`` by its arguments, with the gateway's coalescing.
 
     The key is the function's qualified name plus its bound arguments with defaults
@@ -63,15 +93,26 @@ def cached_completion(
     ``wrapper.gateway``. Concurrent calls with equal arguments run the function once.
     ``await wrapper.invalidate(*args, **kwargs)`` drops the entry of those arguments.
 
+    Streams: on an async generator function (``async def`` with ``yield``), a call
+    returns a :class:`ChunkStream` of what it yields: a finished run is stored as its
+    ordered items and replayed, and concurrent equal calls share one run live (see
+    :meth:`InferenceGateway.stream`). ``stream=True`` says that an ``async def``
+    returns a stream (an async iterable, such as an SDK's): awaiting a call then
+    gives a :class:`ChunkStream` of it, shared and stored the same way. Without it,
+    an ``async def`` that returns a stream raises :class:`InvalidInputTypeError`
+    rather than hand one single-use stream to several callers.
+
     Raises :class:`InvalidInputTypeError` at decoration when the function is not
     ``async``, and at call time when the arguments cannot be keyed (not
     JSON-serializable: pass ``key=``).
     """
     if key is not None and not callable(key):
         raise InvalidInputTypeError(f"key must be callable, got {type(key).__name__}")
+    stream = check_bool("stream", stream)
 
-    def decorate(fn: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
-        if not inspect.iscoroutinefunction(fn):
+    def decorate(fn: Callable[P, Any]) -> Any:
+        generator = inspect.isasyncgenfunction(fn)
+        if not (generator or inspect.iscoroutinefunction(fn)):
             raise InvalidInputTypeError(
                 f"@cached_completion needs an async def function, got {fn!r}"
             )
@@ -94,21 +135,40 @@ def cached_completion(
             arguments = {k: v for k, v in bound.arguments.items() if k != skip}
             return {"function": name, "arguments": arguments}
 
-        @functools.wraps(fn)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            query = cache_query(*args, **kwargs)
-            result: R = await gateway.resolve_with(query, lambda: fn(*args, **kwargs))
-            return result
+        wrapper: Any
+        if generator:
+
+            @functools.wraps(fn)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> ChunkStream:
+                query = cache_query(*args, **kwargs)
+                return gateway.stream_with(query, lambda: fn(*args, **kwargs))
+
+        elif stream:
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> ChunkStream:
+                query = cache_query(*args, **kwargs)
+                return await gateway.stream_with(query, lambda: fn(*args, **kwargs)).start()
+
+        else:
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                query = cache_query(*args, **kwargs)
+                return await gateway.resolve_with(query, lambda: fn(*args, **kwargs))
 
         async def invalidate(*args: Any, **kwargs: Any) -> bool:
-            return await gateway.exact_cache.invalidate(cache_query(*args, **kwargs))
+            query = cache_query(*args, **kwargs)
+            if generator or stream:
+                query = stream_key_query(query)
+            return await gateway.exact_cache.invalidate(query)
 
-        wrapper.gateway = gateway  # type: ignore[attr-defined]
-        wrapper.cache_query = cache_query  # type: ignore[attr-defined]
-        wrapper.invalidate = invalidate  # type: ignore[attr-defined]
+        wrapper.gateway = gateway
+        wrapper.cache_query = cache_query
+        wrapper.invalidate = invalidate
         if skip is None:
-            return wrapper  # type: ignore[return-value]
-        return _CachedMethod(wrapper)  # type: ignore[return-value]
+            return wrapper
+        return _CachedMethod(wrapper)
 
     return decorate
 

@@ -9,11 +9,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.backends.redis.exact_cache import RedisExactCache
 from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
 from aiocache_llm.coalescing.fleet import FleetCoalescer
+from aiocache_llm.coalescing.fleet_stream import FleetStreams
 from aiocache_llm.coalescing.single_flight import SingleFlight
+from aiocache_llm.core.codec import ValueCodec
 from aiocache_llm.core.deadline import deadline
 from aiocache_llm.core.errors import (
     InvalidInputError,
@@ -24,7 +28,9 @@ from aiocache_llm.core.errors import (
 from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.validation import (
+    check_bool,
     check_callable,
     check_id,
     check_optional_positive_number,
@@ -33,6 +39,13 @@ from aiocache_llm.core.validation import (
 )
 from aiocache_llm.gateway.budget import TokenBudget
 from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
+from aiocache_llm.gateway.streaming import (
+    ChunkStream,
+    StreamCall,
+    StreamFlights,
+    streaming_request,
+    wants_stream,
+)
 from aiocache_llm.gateway.tokens import estimate_tokens as default_estimate_tokens
 from aiocache_llm.gateway.warm import WarmReport, resolve_all
 from aiocache_llm.protocols import AsyncExactCache, AsyncRateLimiter, AsyncSemanticCache
@@ -42,6 +55,9 @@ __all__ = ["InferenceGateway"]
 logger = logging.getLogger("aiocache_llm.gateway")
 
 ProviderCall = Callable[[], Awaitable[Any]]
+
+DEFAULT_MAX_STREAM_BYTES = 8 * 1024 * 1024
+"""Encoded chunks one stream in flight may hold before it is passed through unstored."""
 
 _UNAVAILABLE = object()
 # a coalesced caller refused by another user's budget retries this often, then leads alone
@@ -59,6 +75,12 @@ def _provider_function(provider: Any) -> Callable[[Query], Awaitable[Any]] | Non
     raise InvalidInputTypeError(
         "provider must be an async callable query -> answer, or have an async complete(query)"
     )
+
+
+def _provider_stream_function(provider: Any) -> Callable[[Query], Any] | None:
+    """The provider's ``stream(query)`` method, or None (then the callable is used)."""
+    stream = getattr(provider, "stream", None)
+    return stream if callable(stream) else None
 
 
 class _Request:
@@ -148,8 +170,17 @@ class InferenceGateway(AsyncResource):
         fleet_max_wait: float = 60.0,
         normalize: Normalizer | None = None,
         anonymous_user: str = "anonymous",
+        stream_idle_timeout: float | None = None,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
+        finish_abandoned_streams: bool = False,
     ) -> None:
         self._provider = _provider_function(provider)
+        self._provider_stream = _provider_stream_function(provider)
+        stream_idle_timeout = check_optional_positive_number(
+            "stream_idle_timeout", stream_idle_timeout
+        )
+        max_stream_bytes = check_positive_int("max_stream_bytes", max_stream_bytes)
+        finish_abandoned_streams = check_bool("finish_abandoned_streams", finish_abandoned_streams)
         self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
         self._provider_timeout = check_optional_positive_number(
             "provider_timeout", provider_timeout
@@ -248,6 +279,28 @@ class InferenceGateway(AsyncResource):
                 lease_seconds=lease_seconds,
                 max_wait_seconds=fleet_max_wait,
             )
+        codec = getattr(self._exact, "codec", None)
+        stream_codec = codec if isinstance(codec, ValueCodec) else ValueCodec()
+        fleet_streams = None
+        if self._fleet is not None and isinstance(self._exact, RedisExactCache):
+            fleet_streams = FleetStreams(
+                self._exact.client,
+                self._exact.key_prefix,
+                codec=stream_codec,
+                guard=self._exact_guard or guard("exact cache", backend_timeout),
+                lease_seconds=lease_seconds,
+            )
+        self._streams = StreamFlights(
+            self,
+            codec=stream_codec,
+            max_bytes=max_stream_bytes,
+            idle_timeout=stream_idle_timeout,
+            finish_abandoned=finish_abandoned_streams,
+            fleet=fleet_streams,
+        )
+        self._fleet_streams = fleet_streams
+        # an ended stream may still be storing and publishing to the fleet on close
+        self._close_timeout = backend_timeout * 4
         self._flight: SingleFlight[Any] = SingleFlight()
         self._latency = LatencyWindow()
         self._requests = 0
@@ -295,6 +348,11 @@ class InferenceGateway(AsyncResource):
             raise InvalidInputTypeError(
                 "this gateway has no provider: use resolve_with(query, call)"
             )
+        if wants_stream(query):
+            stream = self.stream(
+                query, user_id, no_cache=no_cache, no_store=no_store, ttl_seconds=ttl_seconds
+            )
+            return await stream.start()
         return await self.resolve_with(
             query,
             lambda: provider(query),
@@ -303,6 +361,79 @@ class InferenceGateway(AsyncResource):
             no_store=no_store,
             ttl_seconds=ttl_seconds,
         )
+
+    def stream(
+        self,
+        query: Query,
+        user_id: str | None = None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+        ttl_seconds: float | None = None,
+    ) -> ChunkStream:
+        """Return the streamed answer to ``query``: an async iterator of its chunks.
+
+        Use as ``async for chunk in gateway.stream(query): ...``. Nothing starts until
+        the first chunk is asked for; the query is keyed now, so bad input raises here.
+        A cached stream is replayed (same chunks, same order, same types, fresh copies);
+        otherwise the answer is shared live with every concurrent identical stream
+        (a late joiner first gets the chunks so far), and across processes with a
+        :class:`RedisExactCache`. The provider streams through its ``stream(query)``
+        method when it has one; otherwise it is called with the query (a mapping gets
+        ``"stream": True``) and must return an async iterable of chunks, or an
+        awaitable of one, such as an SDK's stream. A stream that ends normally is
+        stored (one entry); a failed, abandoned or oversized one is not.
+
+        Errors come out of the iteration: :class:`RateLimitExceeded`,
+        :class:`ProviderTimeoutError` (no first chunk within ``provider_timeout``, or
+        a gap longer than ``stream_idle_timeout``), whatever the provider raised (after
+        the chunks it sent), :class:`RemoteProviderError` when it failed in another
+        process, :class:`StreamInterruptedError` (see :class:`ChunkStream`).
+        Rate limiting reserves the estimate before the provider stream starts and
+        settles with the usage the stream reports (or an estimate from its text).
+        """
+        self._check_open()
+        user, ttl = self._request_options(user_id, ttl_seconds)
+        provider, provider_stream = self._provider, self._provider_stream
+        if provider is None:
+            raise InvalidInputTypeError(
+                "this gateway has no provider: use stream_with(query, call)"
+            )
+        if provider_stream is not None:
+            call: StreamCall = lambda: provider_stream(query)  # noqa: E731
+        else:
+            request = streaming_request(query)
+            call = lambda: provider(request)  # noqa: E731
+        return self._streams.open(query, call, user, no_cache=no_cache, no_store=no_store, ttl=ttl)
+
+    def stream_with(
+        self,
+        query: Query,
+        call: StreamCall,
+        user_id: str | None = None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+        ttl_seconds: float | None = None,
+    ) -> ChunkStream:
+        """:meth:`stream`, calling ``call()`` for the provider's stream on a miss.
+
+        ``query`` is only the key; ``call()`` returns an async iterable of chunks (or
+        an awaitable of one). This is what ``@cached_completion`` runs on for async
+        generator functions.
+        """
+        self._check_open()
+        user, ttl = self._request_options(user_id, ttl_seconds)
+        return self._streams.open(query, call, user, no_cache=no_cache, no_store=no_store, ttl=ttl)
+
+    def _request_options(
+        self, user_id: str | None, ttl_seconds: float | None
+    ) -> tuple[str, float | None]:
+        ttl = self._ttl
+        if ttl_seconds is not None:
+            ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        user = self._anonymous if user_id is None else check_id("user_id", user_id)
+        return user, ttl
 
     async def resolve_with(
         self,
@@ -322,18 +453,17 @@ class InferenceGateway(AsyncResource):
         self._check_open()
         started = time.perf_counter()
         digest = self._signature(query)
-        ttl = self._ttl
-        if ttl_seconds is not None:
-            ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
-        user = self._anonymous if user_id is None else check_id("user_id", user_id)
+        user, ttl = self._request_options(user_id, ttl_seconds)
         self._requests += 1
         try:
             read = False
             if not no_cache:
                 value = await self._exact_get(query, digest, _UNAVAILABLE)
                 if value is not None and value is not _UNAVAILABLE:
-                    self._exact_hits += 1
-                    return value
+                    if type(value) is not RecordedStream:
+                        self._exact_hits += 1
+                        return value
+                    value = None  # a streamed answer is never a plain request's answer
                 read = value is None
             request = _Request(query, digest, call, user, ttl, no_store=no_store, read=read)
             return await self._coalesced_fill(request)
@@ -368,7 +498,7 @@ class InferenceGateway(AsyncResource):
         semantic = self._semantic
         if semantic is not None and request.read:
             value = await self._semantic_guard.call(lambda: semantic.get(query), None)
-            if value is not None:
+            if value is not None and type(value) is not RecordedStream:
                 self._semantic_hits += 1
                 if self._promote and not request.no_store:
                     await self._exact_put(query, digest, value, request.ttl)
@@ -379,10 +509,10 @@ class InferenceGateway(AsyncResource):
             return await self._call_and_store(request)
 
         if self._fleet is not None and request.read and not request.no_store:
-            return await self._fleet.run(digest, lambda: self._exact_get(query, digest), compute)
+            return await self._fleet.run(digest, lambda: self._plain_get(query, digest), compute)
         if request.read:
             # a flight for this key may have stored its answer between our miss and now
-            value = await self._exact_get(query, digest)
+            value = await self._plain_get(query, digest)
             if value is not None:
                 self._exact_hits += 1
                 return value
@@ -419,14 +549,23 @@ class InferenceGateway(AsyncResource):
                 f"{type(pending).__name__}, not an awaitable"
             )
         if self._provider_timeout is None:
-            return await pending
-        try:
-            with deadline(self._provider_timeout):
-                return await pending
-        except TimeoutError as exc:
-            raise ProviderTimeoutError(
-                f"the provider did not answer within {self._provider_timeout} s"
-            ) from exc
+            value = await pending
+        else:
+            try:
+                with deadline(self._provider_timeout):
+                    value = await pending
+            except TimeoutError as exc:
+                raise ProviderTimeoutError(
+                    f"the provider did not answer within {self._provider_timeout} s"
+                ) from exc
+        if hasattr(value, "__aiter__") and not isinstance(value, BaseModel):
+            # one-shot: shared by coalesced callers, only the first would read it
+            raise InvalidInputTypeError(
+                "the provider returned a stream for a request that does not stream: use "
+                'gateway.stream(query), a query with "stream": True, or '
+                "@cached_completion(stream=True)"
+            )
+        return value
 
     # -- cache access: every failure is absorbed by a guard --------------------------
 
@@ -441,6 +580,10 @@ class InferenceGateway(AsyncResource):
                 unavailable,
             )
         return await self._exact_guard.call(lambda: exact.get(query), unavailable)
+
+    async def _plain_get(self, query: Query, digest: str) -> Any:
+        value = await self._exact_get(query, digest)
+        return None if type(value) is RecordedStream else value
 
     async def _exact_put(self, query: Query, digest: str, value: Any, ttl: float | None) -> None:
         exact = self._exact
@@ -495,19 +638,26 @@ class InferenceGateway(AsyncResource):
             semantic_hits=self._semantic_hits,
             misses=self._misses,
             coalesced=self._coalesced,
-            fleet_hits=self._fleet.waited if self._fleet is not None else 0,
+            fleet_hits=(self._fleet.waited if self._fleet is not None else 0)
+            + (self._fleet_streams.followed if self._fleet_streams is not None else 0),
             provider_calls=self._provider_calls,
             provider_errors=self._provider_errors,
             rate_limited=self._budget.refused if self._budget is not None else 0,
             backend_errors=sum(g.errors for g in guards),
             backend_skipped=sum(g.skipped for g in guards),
-            in_flight=len(self._flight),
+            in_flight=len(self._flight) + len(self._streams),
+            stream_requests=self._streams.requests,
+            stream_hits=self._streams.hits,
+            streams_shared=self._streams.shared,
+            chunks_replayed=self._streams.replayed,
+            streams_abandoned=self._streams.abandoned,
             latency_p50_ms=p50,
             latency_p90_ms=p90,
             latency_p99_ms=p99,
         )
 
     async def _release(self) -> None:
+        await self._streams.aclose(self._close_timeout)
         if self._fleet is not None:
             await self._fleet.aclose()
         if self._owns_exact:

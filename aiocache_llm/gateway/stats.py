@@ -36,6 +36,16 @@ class GatewayStats(BaseModel):
     backend_skipped: int = 0
     """Backend operations not attempted because a circuit breaker was open."""
     in_flight: int = 0
+    stream_requests: int = 0
+    """Streamed requests (also counted in ``requests`` and in exactly one outcome)."""
+    stream_hits: int = 0
+    """Streams answered by replaying a stored recording (exact or semantic)."""
+    streams_shared: int = 0
+    """Streams that joined one already in flight in this process (live fan-out)."""
+    chunks_replayed: int = 0
+    """Chunks served from stored recordings."""
+    streams_abandoned: int = 0
+    """Provider streams closed early because every consumer had left."""
     latency_p50_ms: float = 0.0
     latency_p90_ms: float = 0.0
     latency_p99_ms: float = 0.0

@@ -13,7 +13,14 @@ from typing import Any
 
 from aiocache_llm.core.query import as_request
 
-__all__ = ["CHARS_PER_TOKEN", "DEFAULT_COMPLETION_TOKENS", "estimate_tokens", "reported_tokens"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "DEFAULT_COMPLETION_TOKENS",
+    "StreamUsage",
+    "completion_allowance",
+    "estimate_tokens",
+    "reported_tokens",
+]
 
 CHARS_PER_TOKEN = 4
 """The usual English average for BPE tokenizers; an estimate, not a tokenizer."""
@@ -45,10 +52,7 @@ def estimate_tokens(query: object) -> int:
                     if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                         characters += len(part["text"])
     prompt = -(-characters // CHARS_PER_TOKEN) + framing
-    completion = request.get("max_completion_tokens") or request.get("max_tokens")
-    if not isinstance(completion, int) or isinstance(completion, bool) or completion <= 0:
-        completion = DEFAULT_COMPLETION_TOKENS
-    return max(1, prompt + completion)
+    return max(1, prompt + completion_allowance(request))
 
 
 def reported_tokens(answer: Any) -> int | None:
@@ -67,4 +71,93 @@ def reported_tokens(answer: Any) -> int | None:
     )
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
         return total
+    return None
+
+
+class StreamUsage:
+    """Follows a stream chunk by chunk to tell how many tokens it used; O(1) per chunk.
+
+    OpenAI-style streams report ``usage.total_tokens`` on their last chunk (with
+    ``stream_options={"include_usage": True}``); Anthropic-style streams report
+    ``input_tokens`` in ``message_start`` (under ``message.usage``) and the running
+    ``output_tokens`` in ``message_delta``; the last report of each kind wins. When a
+    stream reports nothing, :meth:`tokens` estimates: the prompt (as
+    :func:`estimate_tokens`) plus the streamed text / :data:`CHARS_PER_TOKEN`.
+    """
+
+    __slots__ = ("_characters", "_input", "_output", "_total")
+
+    def __init__(self) -> None:
+        self._total: int | None = None
+        self._input: int | None = None
+        self._output: int | None = None
+        self._characters = 0
+
+    def add(self, chunk: Any) -> None:
+        """Take one chunk into account."""
+        if isinstance(chunk, str):
+            self._characters += len(chunk)
+            return
+        self._characters += len(_chunk_text(chunk))
+        reported = reported_tokens(chunk)
+        if reported is not None:
+            self._total = reported
+            return
+        usage = _field(chunk, "usage")
+        if usage is None:
+            usage = _field(_field(chunk, "message"), "usage")
+        if usage is not None:
+            self._input = _count(_field(usage, "input_tokens")) or self._input
+            self._output = _count(_field(usage, "output_tokens")) or self._output
+
+    @property
+    def reported(self) -> int | None:
+        """The total the stream reported, or ``None``."""
+        if self._total is not None:
+            return self._total
+        if self._input is None and self._output is None:
+            return None
+        return (self._input or 0) + (self._output or 0)
+
+    def tokens(self, query: object) -> int:
+        """The tokens used: as reported, else estimated from ``query`` and the text seen."""
+        reported = self.reported
+        if reported is not None:
+            return reported
+        prompt = estimate_tokens(query) - completion_allowance(query)
+        return max(1, prompt + -(-self._characters // CHARS_PER_TOKEN))
+
+
+def completion_allowance(query: object) -> int:
+    """The completion part of :func:`estimate_tokens`: ``max_tokens`` or the default."""
+    request = as_request(query)
+    completion = request.get("max_completion_tokens") or request.get("max_tokens")
+    if not isinstance(completion, int) or isinstance(completion, bool) or completion <= 0:
+        return DEFAULT_COMPLETION_TOKENS
+    return completion
+
+
+def _chunk_text(chunk: Any) -> str:
+    choices = _field(chunk, "choices")
+    if isinstance(choices, list):
+        return "".join(
+            content
+            for choice in choices
+            if isinstance(content := _field(_field(choice, "delta"), "content"), str)
+        )
+    text = _field(_field(chunk, "delta"), "text")
+    return text if isinstance(text, str) else ""
+
+
+def _field(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     return None

@@ -14,7 +14,9 @@ Prometheus scrapes and turns the snapshot into metrics, labelled
 
 - counters ``aiocache_llm_gateway_<field>_total`` for ``requests``, ``exact_hits``,
   ``semantic_hits``, ``misses``, ``coalesced``, ``fleet_hits``, ``provider_calls``,
-  ``provider_errors``, ``rate_limited``, ``backend_errors`` and ``backend_skipped``;
+  ``provider_errors``, ``rate_limited``, ``backend_errors``, ``backend_skipped``,
+  ``stream_requests``, ``stream_hits``, ``streams_shared``, ``chunks_replayed`` and
+  ``streams_abandoned``;
 - gauge ``aiocache_llm_gateway_in_flight``;
 - gauge ``aiocache_llm_gateway_latency_seconds{quantile="0.5"|"0.9"|"0.99"}``: resolve
   latency percentiles over the gateway's recent resolves (not a histogram:
@@ -77,6 +79,11 @@ COUNTERS: Mapping[str, str] = {
     "rate_limited": "Provider calls refused by the rate limiter.",
     "backend_errors": "Cache, limiter or lease operations that failed or timed out.",
     "backend_skipped": "Backend operations skipped because a circuit breaker was open.",
+    "stream_requests": "Streamed requests started.",
+    "stream_hits": "Streams answered by replaying a stored recording.",
+    "streams_shared": "Streams that joined one already in flight in this process.",
+    "chunks_replayed": "Chunks served from stored recordings.",
+    "streams_abandoned": "Provider streams closed early because every consumer had left.",
 }
 """``GatewayStats`` field -> help text of its ``<namespace>_gateway_<field>_total`` counter."""
 

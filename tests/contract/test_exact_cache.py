@@ -15,6 +15,7 @@ from aiocache_llm import (
     InvalidInputTypeError,
     LLMResponse,
     MemoryExactCache,
+    RecordedStream,
     RedisExactCache,
     Usage,
     ValueTooLargeError,
@@ -119,6 +120,21 @@ async def test_declared_model_type_round_trips(make_cache: Factory, backend: Bac
     got = await reader.get(QUERY)
     assert isinstance(got, Completion)
     assert got == value
+
+
+async def test_recorded_streams_round_trip_in_order_with_their_types(
+    make_cache: Factory, backend: Backend
+) -> None:
+    writer = make_cache(value_types=[Completion])
+    reader = writer if backend.is_memory else make_cache(value_types=[Completion])
+    chunks = ["Par", {"delta": "is"}, Completion(id="c1", choices=[]), 7, ""]
+    await writer.put(QUERY, RecordedStream(chunks))
+    got = await reader.get(QUERY)
+    assert type(got) is RecordedStream
+    assert [type(chunk) for chunk in got] == [type(chunk) for chunk in chunks]
+    assert got == RecordedStream(chunks)
+    got.chunks[1]["delta"] = "mutated"
+    assert await reader.get(QUERY) == RecordedStream(chunks)
 
 
 async def test_mutating_a_hit_does_not_change_the_cache(cache: AsyncExactCache) -> None:

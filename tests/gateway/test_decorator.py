@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -182,3 +183,72 @@ async def test_wrong_arguments_raise_like_the_function() -> None:
 
     with pytest.raises(TypeError, match="missing"):
         await f()  # type: ignore[call-arg]
+
+
+async def test_async_generators_are_cached_replayed_and_shared() -> None:
+    runs = 0
+
+    @cached_completion()
+    async def tokens(prompt: str, n: int = 3) -> AsyncIterator[str]:
+        nonlocal runs
+        runs += 1
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield f"{prompt}-{i}"
+
+    async def read(stream: Any) -> list[str]:
+        return [item async for item in stream]
+
+    expected = ["a-0", "a-1", "a-2"]
+    shared = await asyncio.gather(*(read(tokens("a")) for _ in range(20)))
+    assert shared == [expected] * 20
+    assert await read(tokens(prompt="a", n=3)) == expected
+    assert runs == 1
+    assert tokens.gateway.stats().stream_hits == 1
+    assert await tokens.invalidate("a")
+    assert await read(tokens("a")) == expected
+    assert runs == 2
+
+
+async def test_an_async_def_returning_a_stream_needs_stream_true() -> None:
+    async def chunks() -> AsyncIterator[str]:
+        yield "x"
+        yield "y"
+
+    @cached_completion()
+    async def unmarked() -> Any:
+        return chunks()
+
+    with pytest.raises(InvalidInputTypeError, match="does not stream"):
+        await unmarked()
+
+    calls = 0
+
+    @cached_completion(stream=True)
+    async def marked() -> Any:
+        nonlocal calls
+        calls += 1
+        return chunks()
+
+    first, second = await asyncio.gather(marked(), marked())
+    assert [c async for c in first] == ["x", "y"]
+    assert [c async for c in second] == ["x", "y"]
+    assert [c async for c in await marked()] == ["x", "y"]
+    assert calls == 1
+
+
+async def test_generator_methods_leave_self_out_of_the_key() -> None:
+    class Bot:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        @cached_completion()
+        async def say(self, text: str) -> AsyncIterator[str]:
+            self.runs += 1
+            yield text
+
+    one, two = Bot(), Bot()
+    assert [c async for c in one.say("hi")] == ["hi"]
+    assert [c async for c in two.say("hi")] == ["hi"]
+    assert one.runs + two.runs == 1
+    assert await two.say.invalidate("hi")

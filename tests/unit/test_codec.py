@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, create_model, model_validator
 
-from aiocache_llm import DEFAULT_MAX_VALUE_BYTES, LLMResponse, Usage
+from aiocache_llm import DEFAULT_MAX_VALUE_BYTES, LLMResponse, RecordedStream, Usage
 from aiocache_llm.core.codec import ValueCodec
 from aiocache_llm.core.errors import (
     CorruptEntryError,
@@ -414,3 +414,36 @@ def test_max_value_bytes_defaults_and_unbounded_spellings() -> None:
 def test_bad_max_value_bytes_fails_at_construction(limit: Any, error: type[Exception]) -> None:
     with pytest.raises(error, match="max_value_bytes"):
         ValueCodec(max_value_bytes=limit)
+
+
+def test_recorded_stream_round_trips_chunk_by_chunk() -> None:
+    chunks = ["a", {"b": [1]}, LLMResponse(content="c"), 2.5, True]
+    decoded = CODEC.decode(CODEC.encode(RecordedStream(chunks)))
+    assert type(decoded) is RecordedStream
+    assert decoded.chunks == chunks
+    assert [type(c) for c in decoded.chunks] == [type(c) for c in chunks]
+    assert CODEC.decode(CODEC.encode(RecordedStream([]))) == RecordedStream([])
+
+
+def test_recorded_stream_refuses_bad_chunks_before_storing() -> None:
+    with pytest.raises(InvalidInputTypeError):
+        CODEC.encode(RecordedStream(["a", object()]))
+    with pytest.raises(InvalidInputTypeError, match="recorded stream"):
+        CODEC.encode(RecordedStream([RecordedStream(["nested"])]))
+    with pytest.raises(ValueTooLargeError):
+        ValueCodec(max_value_bytes=64).encode(RecordedStream(["x" * 30, "y" * 30]))
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 13])
+def test_truncated_or_spliced_recordings_are_corrupt(cut: int) -> None:
+    data = CODEC.encode(RecordedStream(["hello", "world"]))
+    with pytest.raises(CorruptEntryError):
+        CODEC.decode(data[:-cut])
+    payload = data[9:]
+    # a well-framed recording whose inner frames are cut: never a partial answer
+    forged = data[:5] + len(payload[:-cut]).to_bytes(4, "big") + payload[:-cut]
+    with pytest.raises(CorruptEntryError):
+        CODEC.decode(forged)
+    nested = data[:5] + len(data).to_bytes(4, "big") + data
+    with pytest.raises(CorruptEntryError):
+        CODEC.decode(nested)

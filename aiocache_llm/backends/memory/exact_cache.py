@@ -70,6 +70,11 @@ class MemoryExactCache(AsyncResource):
             f"hits={self._hits}, misses={self._misses})"
         )
 
+    @property
+    def codec(self) -> ValueCodec:
+        """The codec this cache stores values with (it knows the declared ``value_types``)."""
+        return self._codec
+
     def signature(self, query: Query) -> str:
         """Return the digest this cache files ``query`` under (its ``normalize`` applied)."""
         return self._keys.digest(query)

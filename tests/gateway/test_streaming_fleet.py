@@ -1,0 +1,124 @@
+"""Streams shared across gateways on one Redis (each gateway stands for a process)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from aiocache_llm import (
+    InferenceGateway,
+    RecordedStream,
+    RedisExactCache,
+    RemoteProviderError,
+)
+from aiocache_llm.gateway.streaming import stream_key_query
+from tests.conftest import REDIS_BACKENDS, RedisTarget, open_redis_target
+from tests.gateway.streams import QUERY, StreamingProvider, collect
+
+TEXT = [f"w{i} " for i in range(10)]
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+async def target(request: pytest.FixtureRequest) -> AsyncIterator[RedisTarget]:
+    async with open_redis_target(request.param) as target:
+        yield target
+
+
+def gateway_on(target: RedisTarget, provider: Any, **options: Any) -> InferenceGateway:
+    cache = RedisExactCache(client=target.client, key_prefix=target.prefix)
+    return InferenceGateway(provider, exact_cache=cache, lease_seconds=1.0, **options)
+
+
+async def test_two_processes_share_one_provider_stream(target: RedisTarget) -> None:
+    provider = StreamingProvider(delay=0.03)
+    gateways = [gateway_on(target, provider) for _ in range(2)]
+
+    async def consumer(gateway: InferenceGateway, index: int) -> list[Any]:
+        await asyncio.sleep(index * 0.003)
+        return await collect(gateway.stream(QUERY))
+
+    results = await asyncio.gather(*(consumer(g, i) for g in gateways for i in range(20)))
+    stats = [g.stats() for g in gateways]
+    for gateway in gateways:
+        await gateway.aclose()
+    assert provider.streams == 1
+    assert results == [TEXT] * 40
+    assert sum(s.fleet_hits for s in stats) == 1  # the other process's first consumer
+    assert sum(s.misses for s in stats) == 1
+
+
+async def test_a_late_joiner_in_another_process_gets_the_chunks_so_far(
+    target: RedisTarget,
+) -> None:
+    provider = StreamingProvider(delay=0.03)
+    leader, follower = gateway_on(target, provider), gateway_on(target, provider)
+    first = leader.stream(QUERY)
+    early = [await first.__anext__() for _ in range(5)]
+    late, rest = await asyncio.gather(collect(follower.stream(QUERY)), collect(first))
+    await leader.aclose()
+    await follower.aclose()
+    assert provider.streams == 1
+    assert early + rest == TEXT
+    assert late == TEXT
+
+
+async def test_a_provider_error_reaches_the_other_process_after_its_chunks(
+    target: RedisTarget,
+) -> None:
+    provider = StreamingProvider(delay=0.03, fail_after=3)
+    leader, follower = gateway_on(target, provider), gateway_on(target, provider)
+
+    async def read(gateway: InferenceGateway, delay: float) -> tuple[list[Any], BaseException]:
+        await asyncio.sleep(delay)
+        seen: list[Any] = []
+        try:
+            async for chunk in gateway.stream(QUERY):
+                seen.append(chunk)
+        except Exception as exc:
+            return seen, exc
+        raise AssertionError("the stream did not fail")
+
+    (local_seen, local_error), (remote_seen, remote_error) = await asyncio.gather(
+        read(leader, 0), read(follower, 0.02)
+    )
+    await leader.aclose()
+    await follower.aclose()
+    assert provider.streams == 1
+    assert local_seen == remote_seen == TEXT[:3]
+    assert isinstance(local_error, RuntimeError)
+    assert isinstance(remote_error, RemoteProviderError)
+    assert remote_error.error_type == "RuntimeError"
+    assert "boom" in str(remote_error)
+    cache = RedisExactCache(client=target.client, key_prefix=target.prefix)
+    assert await cache.get(stream_key_query(QUERY)) is None
+
+
+async def test_the_finished_stream_is_stored_once_for_the_fleet(target: RedisTarget) -> None:
+    provider = StreamingProvider(delay=0.01)
+    leader, follower = gateway_on(target, provider), gateway_on(target, provider)
+    await asyncio.gather(collect(leader.stream(QUERY)), collect(follower.stream(QUERY)))
+    await asyncio.sleep(0.05)
+    assert await collect(follower.stream(QUERY)) == TEXT
+    cache = RedisExactCache(client=target.client, key_prefix=target.prefix)
+    assert await cache.get(stream_key_query(QUERY)) == RecordedStream(TEXT)
+    assert follower.stats().stream_hits == 1
+    await leader.aclose()
+    await follower.aclose()
+    assert provider.streams == 1
+
+
+async def test_the_leader_streams_on_when_its_own_consumers_leave(target: RedisTarget) -> None:
+    provider = StreamingProvider(delay=0.03)
+    leader, follower = gateway_on(target, provider), gateway_on(target, provider)
+    mine = leader.stream(QUERY)
+    await mine.__anext__()
+    remote = asyncio.ensure_future(collect(follower.stream(QUERY)))
+    await asyncio.sleep(0.05)
+    await mine.aclose()  # the follower still reads what this process streams
+    assert await remote == TEXT
+    await leader.aclose()
+    await follower.aclose()
+    assert (provider.streams, provider.closed_early) == (1, 0)
