@@ -11,9 +11,14 @@ fastapi, uvicorn and the ``prometheus`` extra)::
     uvicorn examples.fastapi_app:app            # or: python examples/fastapi_app.py
     curl -s localhost:8000/v1/chat -H 'content-type: application/json' \\
         -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
+    curl -sN localhost:8000/v1/chat/stream -H 'content-type: application/json' \\
+        -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
     curl -s localhost:8000/stats
 
-``GET /metrics`` serves the gateway's counters to Prometheus.
+``POST /v1/chat/stream`` answers the same request as Server-Sent Events (``data:
+{chunk}`` lines, then ``data: [DONE]``): concurrent identical streams share one provider
+stream, and a repeated one is replayed from the cache. ``GET /metrics`` serves the
+gateway's counters to Prometheus.
 
 Environment: ``REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``), ``KEY_PREFIX``
 (default ``fastapi-demo``), ``FAKE_LLM_LATENCY`` (seconds, default 0.1),
@@ -24,18 +29,21 @@ and ``PORT`` (``python examples/fastapi_app.py`` only; ``PORT=0`` picks a free o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict
 
 from aiocache_llm import (
     AsyncExactCache,
     AsyncRateLimiter,
+    ChunkStream,
     InferenceGateway,
     InvalidInputError,
     LLMResponse,
@@ -54,7 +62,11 @@ METRICS = CollectorRegistry()
 
 
 class FakeLLM:
-    """Stands in for a real provider SDK: answers after ``latency`` seconds, counts calls."""
+    """Stands in for a real provider SDK: answers after ``latency`` seconds, counts calls.
+
+    ``stream`` answers word by word, in OpenAI's chunk shape, the last chunk carrying the
+    usage (as OpenAI's does with ``stream_options={"include_usage": True}``).
+    """
 
     def __init__(self, latency: float) -> None:
         self.latency = latency
@@ -74,6 +86,19 @@ class FakeLLM:
                 prompt_tokens=prompt_tokens, completion_tokens=8, total_tokens=prompt_tokens + 8
             ),
         )
+
+    async def stream(self, query: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        self.calls += 1
+        question = query["messages"][-1]["content"]
+        words = f"You asked: {question}".split(" ")
+        for index, word in enumerate(words):
+            await asyncio.sleep(self.latency / len(words))
+            piece = word if index == 0 else f" {word}"
+            yield {"choices": [{"index": 0, "delta": {"content": piece}}]}
+        prompt_tokens = len(question) // 4 + 1
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words)}
+        usage["total_tokens"] = prompt_tokens + len(words)
+        yield {"choices": [], "usage": usage}
 
 
 class ChatMessage(BaseModel):
@@ -141,6 +166,12 @@ def get_gateway(request: Request) -> InferenceGateway:
 Gateway = Annotated[InferenceGateway, Depends(get_gateway)]
 
 
+def retry_after(exc: RateLimitExceeded) -> dict[str, str]:
+    if exc.retry_after is None:
+        return {}
+    return {"Retry-After": str(max(1, round(exc.retry_after)))}
+
+
 @app.post("/v1/chat")
 async def chat(
     body: ChatRequest, gateway: Gateway, x_user_id: Annotated[str | None, Header()] = None
@@ -151,13 +182,40 @@ async def chat(
             body.model_dump(exclude_none=True), user_id=x_user_id
         )
     except RateLimitExceeded as exc:
-        headers = {}
-        if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        raise HTTPException(429, str(exc), headers=headers) from exc
+        raise HTTPException(429, str(exc), headers=retry_after(exc)) from exc
     except InvalidInputError as exc:
         raise HTTPException(422, str(exc)) from exc
     return answer
+
+
+@app.post("/v1/chat/stream")
+async def chat_stream(
+    body: ChatRequest, gateway: Gateway, x_user_id: Annotated[str | None, Header()] = None
+) -> StreamingResponse:
+    try:
+        # awaiting resolve() waits for the first chunk: a refusal is still an HTTP status
+        chunks: ChunkStream = await gateway.resolve(
+            {**body.model_dump(exclude_none=True), "stream": True}, user_id=x_user_id
+        )
+    except RateLimitExceeded as exc:
+        raise HTTPException(429, str(exc), headers=retry_after(exc)) from exc
+    except InvalidInputError as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+    async def events() -> AsyncIterator[bytes]:
+        # a client that disconnects cancels this generator: its consumer leaves the
+        # shared stream (the others go on) and the provider stops once nobody reads
+        async with chunks:
+            try:
+                async for chunk in chunks:
+                    yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            except Exception as exc:  # headers are sent: report it in the stream
+                error = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+                yield b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+                return
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @app.get("/stats")

@@ -262,17 +262,6 @@ class Subscription:
             broadcast._waiters.append(waiter)
             await waiter
 
-    async def wait_started(self) -> None:
-        """Return once a chunk is available or the stream has ended; raise its early error."""
-        broadcast = self._broadcast
-        while broadcast.published == 0 and broadcast._outcome is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            broadcast._waiters.append(waiter)
-            await waiter
-        if broadcast.published == 0 and broadcast._outcome is not _END:
-            self.close()
-            raise broadcast._outcome
-
     @property
     def position(self) -> int:
         """Chunks this consumer has read."""

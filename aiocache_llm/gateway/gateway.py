@@ -337,6 +337,10 @@ class InferenceGateway(AsyncResource):
         answer, still stored unless ``no_store``), ``no_store`` keeps the answer out
         of the caches, ``ttl_seconds`` overrides the stored entries' lifetime.
 
+        A query with a truthy ``stream`` field gets a :class:`ChunkStream` (see
+        :meth:`stream`), returned once its first chunk is there, so that errors
+        before any chunk raise here, as from an SDK's ``create(stream=True)``.
+
         Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad
         query or argument (before any I/O), :class:`RateLimitExceeded` when the
         user's budget refuses, :class:`ProviderTimeoutError` past ``provider_timeout``,
@@ -610,6 +614,9 @@ class InferenceGateway(AsyncResource):
     ) -> WarmReport:
         """Resolve every query (provider only on a miss), ``concurrency`` at a time.
 
+        A query with a truthy ``stream`` is streamed to its end, so its recording is
+        stored too.
+
         Never stops on a failure: each failed query and its exception is reported.
         Memory use is O(concurrency + failures), whatever the number of queries.
         """
@@ -617,9 +624,16 @@ class InferenceGateway(AsyncResource):
         check_positive_int("concurrency", concurrency)
         calls_before = self._provider_calls
         answered, failed = await resolve_all(
-            lambda query: self.resolve(query, user_id), queries, concurrency
+            lambda query: self._warm_one(query, user_id), queries, concurrency
         )
         return WarmReport(ok=answered, computed=self._provider_calls - calls_before, failed=failed)
+
+    async def _warm_one(self, query: Query, user_id: str | None) -> None:
+        answer = await self.resolve(query, user_id)
+        if isinstance(answer, ChunkStream):
+            async with answer:  # a stream is stored once it has been read to its end
+                async for _ in answer:
+                    pass
 
     @property
     def exact_cache(self) -> AsyncExactCache:

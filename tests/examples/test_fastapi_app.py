@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -157,3 +158,51 @@ async def test_a_user_over_budget_gets_429_and_costs_nothing(
     assert "user_id" in empty_user.json()["detail"]
     assert stats["provider_calls"] == 0
     assert stats["gateway"]["rate_limited"] == 1
+
+
+async def read_events(client: httpx.AsyncClient, **headers: str) -> tuple[int, list[str]]:
+    """POST a streaming request; return the status and the ``data:`` payloads in order."""
+    async with client.stream("POST", "/v1/chat/stream", json=REQUEST, headers=headers) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response.status_code, []
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = [
+            line.removeprefix("data: ")
+            async for line in response.aiter_lines()
+            if line.startswith("data: ")
+        ]
+    return response.status_code, data
+
+
+def streamed_text(data: list[str]) -> str:
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    return "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+
+
+async def test_concurrent_sse_streams_share_one_provider_stream_then_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serve_app(monkeypatch, FAKE_LLM_LATENCY="0.5") as client:
+        results = await asyncio.gather(*(read_events(client) for _ in range(50)))
+        replayed = await read_events(client)
+        stats = (await client.get("/stats")).json()
+    assert all(status == 200 for status, _ in results)
+    assert {streamed_text(data) for _, data in results} == {"You asked: Why is the sky blue?"}
+    assert replayed[1] == results[0][1]
+    assert stats["provider_calls"] == 1
+    gateway = stats["gateway"]
+    assert gateway["stream_requests"] == 51
+    assert gateway["streams_shared"] + gateway["stream_hits"] == 50
+    assert gateway["stream_hits"] >= 1
+
+
+async def test_a_streaming_user_over_budget_gets_429_before_any_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serve_app(monkeypatch, RATE_LIMIT_TOKENS_PER_MINUTE="1") as client:
+        status, data = await read_events(client, **{"x-user-id": "alice"})
+        stats = (await client.get("/stats")).json()
+    assert (status, data) == (429, [])
+    assert stats["provider_calls"] == 0

@@ -422,3 +422,26 @@ async def test_ttl_applies_to_a_stored_stream() -> None:
         await asyncio.sleep(0.1)
         await collect(gateway.stream(QUERY))
     assert provider.streams == 2
+
+
+async def test_warm_reads_streamed_queries_to_the_end_and_stores_them() -> None:
+    provider = StreamingProvider()
+    async with InferenceGateway(provider) as gateway:
+        report = await gateway.warm([{**QUERY, "stream": True}])
+        await settled(gateway)
+        assert await collect(gateway.stream(QUERY)) == TEXT
+        stats = gateway.stats()
+    assert (report.ok, report.computed, report.failed) == (1, 1, ())
+    assert stats.stream_hits == 1
+    assert provider.streams == 1
+
+
+async def test_closing_the_gateway_ends_streams_in_flight_with_a_clear_error() -> None:
+    provider = StreamingProvider(delay=0.05)
+    gateway = InferenceGateway(provider)
+    stream = gateway.stream(QUERY)
+    assert await stream.__anext__() == "w0 "
+    await gateway.aclose()
+    with pytest.raises(StreamInterruptedError, match="closed before its end"):
+        await collect(stream)
+    assert provider.closed_early == 1

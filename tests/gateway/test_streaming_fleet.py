@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from aiocache_llm import (
+    HashingEmbedder,
     InferenceGateway,
     RecordedStream,
     RedisExactCache,
+    RedisSemanticCache,
     RemoteProviderError,
 )
 from aiocache_llm.gateway.streaming import stream_key_query
@@ -122,3 +124,26 @@ async def test_the_leader_streams_on_when_its_own_consumers_leave(target: RedisT
     await leader.aclose()
     await follower.aclose()
     assert (provider.streams, provider.closed_early) == (1, 0)
+
+
+async def test_a_redis_semantic_hit_replays_a_stream_in_another_process(
+    target: RedisTarget,
+) -> None:
+    def gateway(provider: StreamingProvider) -> InferenceGateway:
+        semantic = RedisSemanticCache(
+            HashingEmbedder(),
+            client=target.client,
+            key_prefix=f"{target.prefix}:sem",
+            similarity_threshold=0.5,
+        )
+        return gateway_on(target, provider, semantic_cache=semantic)
+
+    writer_provider, reader_provider = StreamingProvider(["s1", "s2"]), StreamingProvider()
+    async with gateway(writer_provider) as writer:
+        await collect(writer.stream(QUERY))
+    paraphrase = {"model": "m", "messages": [{"role": "user", "content": "tell me!"}]}
+    async with gateway(reader_provider) as reader:
+        assert await collect(reader.stream(paraphrase)) == ["s1", "s2"]
+        assert await reader.resolve(paraphrase) == "plain:tell me!"  # never the stream
+        assert reader.stats().semantic_hits == 1
+    assert (writer_provider.streams, reader_provider.streams) == (1, 0)
