@@ -69,8 +69,8 @@ class StreamBroadcast:
     kept for storing, while it is storable).
 
     ``on_abandoned`` is called once when the last consumer leaves (closes its
-    subscription, or drops it unreferenced) before the outcome is known.
-    Not thread-safe: one event loop.
+    subscription, or drops it unreferenced: then on the loop's next turn) before the
+    outcome is known. Created in, and used from, one event loop.
     """
 
     def __init__(
@@ -91,6 +91,7 @@ class StreamBroadcast:
         self._outcome: Any = None  # _END, or the exception every consumer gets
         self._waiters: list[asyncio.Future[None]] = []
         self._subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._loop = asyncio.get_running_loop()
         self.joinable = True
         """False once a new consumer may no longer join (past the size bound)."""
 
@@ -172,8 +173,12 @@ class StreamBroadcast:
         self._settle(_END)
 
     def fail(self, error: BaseException) -> None:
-        """The stream failed: consumers get ``error`` after the chunks published so far."""
+        """The stream failed: consumers get ``error`` after the chunks published so far.
+
+        A failed stream takes no new joiners: a request arriving now starts afresh.
+        """
         self._recording = None
+        self.joinable = False
         self._settle(error)
 
     def _settle(self, outcome: Any) -> None:
@@ -205,6 +210,9 @@ class StreamBroadcast:
 
     def _leave(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        self._check_abandoned()
+
+    def _check_abandoned(self) -> None:
         if not self._subscribers and self._outcome is None and self.on_abandoned is not None:
             callback, self.on_abandoned = self.on_abandoned, None
             callback()
@@ -274,5 +282,9 @@ class Subscription:
             self._broadcast._leave(self)
 
     def __del__(self) -> None:
+        # dropped without close(): the garbage collector may run this in any thread,
+        # so the check runs in the loop, once the weak set has forgotten this object
         if not self._closed:
-            self.close()
+            loop = self._broadcast._loop
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._broadcast._check_abandoned)

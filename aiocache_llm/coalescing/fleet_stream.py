@@ -173,7 +173,8 @@ class FleetStreams:
     """Shares streamed answers between processes through a lease and a Redis stream.
 
     ``lease_seconds`` is how long a dead leader goes unnoticed (a live one renews
-    it); ``max_chunks`` bounds a live Redis stream (approximate ``MAXLEN``); the
+    it); a follower that sees no first chunk within ``max_wait_seconds`` streams from
+    the provider itself; ``max_chunks`` bounds a live Redis stream (approximate ``MAXLEN``); the
     stream key expires ``3 * lease_seconds`` after its last write. Keys:
     ``{key_prefix}:lease:{digest}`` and ``{key_prefix}:live:{digest}:{token}``.
     """
@@ -186,6 +187,7 @@ class FleetStreams:
         codec: ValueCodec,
         guard: BackendGuard,
         lease_seconds: float = 10.0,
+        max_wait_seconds: float = 60.0,
         max_chunks: int = 65536,
     ) -> None:
         self._client = client
@@ -196,6 +198,7 @@ class FleetStreams:
         self._lease_ms = max(1, round(lease * 1000))
         self._stream_ttl_ms = 3 * self._lease_ms
         self._block_ms = max(1, min(self._lease_ms, 1000))
+        self._max_wait = check_positive_number("max_wait_seconds", max_wait_seconds)
         self._max_chunks = check_positive_int("max_chunks", max_chunks)
         self._claim = client.register_script(CLAIM_STREAM)
         self._publish = client.register_script(PUBLISH_CHUNKS)
@@ -207,6 +210,8 @@ class FleetStreams:
         """Streams this process relayed from another process (or found stored meanwhile)."""
         self.lost = 0
         """Relayed streams whose producer died mid-stream."""
+        self.gave_up = 0
+        """Follows that saw no first chunk within ``max_wait_seconds`` and streamed alone."""
 
     def __repr__(self) -> str:
         return (
@@ -249,7 +254,15 @@ class FleetStreams:
         if not holder:  # released between our SET and GET: the recording is being stored
             raise ProducerLost("the fleet leader finished before we could follow it")
         self.followed += 1
-        await self._follow(f"{self._prefix}:live:{digest}:{holder}", lease_key, holder, flight)
+        stream_key = f"{self._prefix}:live:{digest}:{holder}"
+        if not await self._follow(stream_key, lease_key, holder, flight):
+            self.followed -= 1
+            self.gave_up += 1
+            logger.warning(
+                "no first chunk from the fleet leader after %.1f s: streaming alone",
+                self._max_wait,
+            )
+            await produce(None)
 
     async def _lead(
         self,
@@ -285,11 +298,20 @@ class FleetStreams:
 
     async def _follow(
         self, stream_key: str, lease_key: str, holder: str, flight: StreamBroadcast
-    ) -> None:
+    ) -> bool:
+        """Relay the leader's stream into ``flight``; False if it never started in time."""
         last_id: bytes | str = "0-0"
         expected = 0
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._max_wait
         while True:
-            entries = await self._read(stream_key, last_id, block=True)
+            block_ms = self._block_ms
+            if not expected:
+                waited_enough = give_up_at - loop.time()
+                if waited_enough <= 0:
+                    return False
+                block_ms = max(1, min(block_ms, int(waited_enough * 1000)))
+            entries = await self._read(stream_key, last_id, block_ms)
             if entries is None:
                 self.lost += 1
                 raise ProducerLost("Redis stopped answering while following the fleet leader")
@@ -298,7 +320,7 @@ class FleetStreams:
                 if holding is not None and bytes(holding).decode() == holder:
                     continue
                 # the lease is gone: unless the end was written just now, the leader died
-                entries = await self._read(stream_key, last_id, block=False)
+                entries = await self._read(stream_key, last_id, None)
                 if not entries:
                     self.lost += 1
                     raise ProducerLost("the fleet leader stopped mid-stream")
@@ -313,7 +335,7 @@ class FleetStreams:
                     flight.publish(self._codec.decode(payload))
                 elif kind == _END:
                     flight.finish()
-                    return
+                    return True
                 else:
                     error_type, _, message = bytes(payload).decode().partition("\n")
                     flight.fail(
@@ -323,13 +345,13 @@ class FleetStreams:
                             error_type=error_type,
                         )
                     )
-                    return
+                    return True
 
     async def _read(
-        self, stream_key: str, last_id: bytes | str, *, block: bool
+        self, stream_key: str, last_id: bytes | str, block_ms: int | None
     ) -> list[tuple[bytes, dict[bytes, bytes]]] | None:
-        """New entries after ``last_id`` ([] when none came in time), None if Redis failed."""
-        block_ms = self._block_ms if block else None
+        """Entries after ``last_id``, waiting up to ``block_ms`` (None: not at all) for one;
+        [] when none came in time, None if Redis failed."""
         try:
             # a blocked read is bounded by the server; ours only backs it up
             with deadline(self._block_ms / 1000 + 5.0):

@@ -289,6 +289,7 @@ class InferenceGateway(AsyncResource):
                 codec=stream_codec,
                 guard=self._exact_guard or guard("exact cache", backend_timeout),
                 lease_seconds=lease_seconds,
+                max_wait_seconds=fleet_max_wait,
             )
         self._streams = StreamFlights(
             self,

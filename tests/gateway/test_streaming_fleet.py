@@ -147,3 +147,22 @@ async def test_a_redis_semantic_hit_replays_a_stream_in_another_process(
         assert await reader.resolve(paraphrase) == "plain:tell me!"  # never the stream
         assert reader.stats().semantic_hits == 1
     assert (writer_provider.streams, reader_provider.streams) == (1, 0)
+
+
+async def test_a_follower_streams_alone_when_the_leader_sends_nothing_in_time(
+    target: RedisTarget,
+) -> None:
+    slow = StreamingProvider(first_delay=1.5)
+    fast = StreamingProvider()
+    leader = gateway_on(target, slow)
+    follower = gateway_on(target, fast, fleet_max_wait=0.2)
+    waiting = asyncio.ensure_future(collect(leader.stream(QUERY)))
+    await asyncio.sleep(0.1)  # the leader holds the lease, its provider is silent
+    started = asyncio.get_running_loop().time()
+    assert await collect(follower.stream(QUERY)) == TEXT
+    elapsed = asyncio.get_running_loop().time() - started
+    assert await waiting == TEXT
+    await leader.aclose()
+    await follower.aclose()
+    assert (slow.streams, fast.streams) == (1, 1)
+    assert 0.15 <= elapsed < 1.0
