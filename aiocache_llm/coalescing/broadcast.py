@@ -22,7 +22,6 @@ from typing import Any
 from aiocache_llm.core.codec import IMMUTABLE_VALUE_TYPES, ValueCodec
 from aiocache_llm.core.errors import (
     InvalidInputError,
-    InvalidInputTypeError,
     StreamInterruptedError,
 )
 
@@ -103,6 +102,11 @@ class StreamBroadcast:
         )
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this stream lives in."""
+        return self._loop
+
+    @property
     def published(self) -> int:
         """Chunks published so far."""
         return self._offset + len(self._items)
@@ -144,7 +148,7 @@ class StreamBroadcast:
             raise RuntimeError("publish() after the stream's outcome")
         try:
             frame = self._codec.encode_chunk(chunk)
-        except (InvalidInputError, InvalidInputTypeError):
+        except InvalidInputError:
             # not cacheable (or larger than the cache takes): pass it on, store nothing
             self._recording = None
             item, size = chunk, sys.getsizeof(chunk)

@@ -46,7 +46,6 @@ from aiocache_llm.core.deadline import deadline
 from aiocache_llm.core.errors import (
     AiocacheLLMError,
     InvalidInputError,
-    InvalidInputTypeError,
     RemoteProviderError,
 )
 from aiocache_llm.core.guard import BackendGuard
@@ -124,7 +123,7 @@ class _Publisher:
     def add(self, chunk: Any) -> None:
         try:
             frame = self._owner._codec.encode_chunk(chunk)
-        except (InvalidInputError, InvalidInputTypeError) as exc:
+        except InvalidInputError as exc:
             self.fail(exc)
             return
         self._queue(_CHUNK, frame)

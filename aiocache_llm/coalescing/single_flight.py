@@ -55,7 +55,8 @@ class SingleFlight(Generic[T]):
 
     Cost: O(1) per caller: one dict lookup and one future of its own, resolved by the
     call's completion (no polling, no shield; a waiter's cancellation cancels only
-    its own future). Not thread-safe: use it from one event loop.
+    its own future). Not thread-safe: use it from one event loop at a time; a call
+    still in flight in a loop that has ended is forgotten by the next loop's callers.
     """
 
     def __init__(self, *, cancel_abandoned: bool = False) -> None:
@@ -86,7 +87,9 @@ class SingleFlight(Generic[T]):
         that call raised. ``key`` must be hashable.
         """
         flight = self._flights.get(key)
-        if flight is None or flight.task.done():
+        loop = asyncio.get_running_loop()
+        # a flight of another event loop (one that has ended) can never finish here
+        if flight is None or flight.task.done() or flight.task.get_loop() is not loop:
             task: asyncio.Task[T] = asyncio.ensure_future(_call(fn))
             new = flight = _Flight(task)
             self._flights[key] = flight
@@ -94,7 +97,7 @@ class SingleFlight(Generic[T]):
             task.add_done_callback(lambda done: self._finish(key, new))
         else:
             self._coalesced += 1
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[T] = loop.create_future()
         flight.waiters.append(waiter)
         flight.waiting += 1
         try:

@@ -46,12 +46,13 @@ class Watchdog:
     watchdog.watch():`` inside a task; an overrun raises ``TimeoutError``.
     """
 
-    __slots__ = ("_timeout", "_timer", "_watches")
+    __slots__ = ("_loop", "_timeout", "_timer", "_watches")
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._watches: OrderedDict[object, Any] = OrderedDict()  # oldest first
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the timer is on
 
     def watch(self) -> AbstractContextManager[Any]:
         """Return the deadline of one call: ``timeout`` seconds from entering it."""
@@ -60,11 +61,18 @@ class Watchdog:
         return anyio.fail_after(self._timeout)
 
     def _start(self, watch: Any) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # used from another event loop (a second asyncio.run): the old loop's timer
+            # would never fire here, and its watches belong to tasks that are gone
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            self._watches.clear()
+            self._loop = loop
         self._watches[watch] = watch
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_at(
-                watch.started + self._timeout, self._expire_overdue
-            )
+            self._timer = loop.call_at(watch.started + self._timeout, self._expire_overdue)
 
     def _stop(self, watch: Any) -> None:
         self._watches.pop(watch, None)

@@ -31,8 +31,12 @@ class InvalidInputError(AiocacheLLMError, ValueError):
     """An argument has the right type but an unacceptable value (empty id, NaN, negative tokens)."""
 
 
-class InvalidInputTypeError(AiocacheLLMError, TypeError):
-    """An argument (or a value to cache) has a type the library cannot accept."""
+class InvalidInputTypeError(InvalidInputError, TypeError):
+    """An argument (or a value to cache) has a type the library cannot accept.
+
+    A kind of :class:`InvalidInputError` (one root for bad input: ``except
+    InvalidInputError`` catches both) and a ``TypeError``.
+    """
 
 
 class ValueTooLargeError(InvalidInputError):

@@ -604,7 +604,7 @@ class InferenceGateway(AsyncResource):
             return
         try:
             await put()
-        except (InvalidInputError, InvalidInputTypeError) as exc:
+        except InvalidInputError as exc:
             # an answer the cache cannot hold is still an answer: serve it, uncached
             logger.warning("exact cache refused an answer: %s", type(exc).__name__)
 

@@ -388,7 +388,7 @@ class StreamFlights:
             request.read = value is not _UNAVAILABLE
         flight_key = (request.digest, request.read, request.no_store)
         flight = self._flights.get(flight_key)
-        if flight is not None and flight.joinable:
+        if flight is not None and flight.joinable and flight.loop is asyncio.get_running_loop():
             gateway._coalesced += 1
             self.shared += 1
             return flight.subscribe()
@@ -427,12 +427,18 @@ class StreamFlights:
         """Stop the streams in flight: those still streaming are cancelled (their consumers
         get :class:`StreamInterruptedError`); those already ended get up to ``timeout``
         seconds to store their recording and finish publishing to the fleet."""
+        loop = asyncio.get_running_loop()
+        producers = []
         for task, flight in list(self._producers.items()):
+            if task.get_loop() is not loop:  # left behind by an event loop that has ended
+                del self._producers[task]
+                continue
+            producers.append(task)
             if not flight.done:
                 task.cancel()
-        if self._producers:
-            await asyncio.wait(list(self._producers), timeout=timeout)
-        for task in list(self._producers):
+        if producers:
+            await asyncio.wait(producers, timeout=timeout)
+        for task in producers:
             task.cancel()
 
     async def _produce(self, flight: StreamBroadcast, request: _StreamRequest) -> None:

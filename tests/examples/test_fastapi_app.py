@@ -206,3 +206,15 @@ async def test_a_streaming_user_over_budget_gets_429_before_any_event(
         stats = (await client.get("/stats")).json()
     assert (status, data) == (429, [])
     assert stats["provider_calls"] == 0
+
+
+async def test_a_request_that_cannot_be_keyed_is_a_422_not_a_500(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an integer beyond 64 bits cannot be keyed: a type error, caught as bad input
+    unkeyable = {**REQUEST, "seed": 1234567890123456789012345678901}
+    async with serve_app(monkeypatch) as client:
+        plain = await client.post("/v1/chat", json=unkeyable)
+        streamed = await client.post("/v1/chat/stream", json=unkeyable)
+    assert (plain.status_code, streamed.status_code) == (422, 422)
+    assert "JSON-serializable" in plain.json()["detail"]

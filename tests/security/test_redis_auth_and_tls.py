@@ -91,7 +91,15 @@ def tls_server(pki: Pki) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def mutual_tls_server(pki: Pki) -> Iterator[RedisServer]:
     port = free_port()
-    yield from _serve(_tls_args(pki, port, mutual=True), port)
+    # verbose: the server logs why it refused each TLS client (see server_refusals)
+    log = ["--loglevel", "verbose", "--logfile", str(pki.ca_cert.parent / "mutual-tls.log")]
+    yield from _serve([*_tls_args(pki, port, mutual=True), *log], port)
+
+
+def server_refusals(pki: Pki) -> list[str]:
+    """The mutual TLS server's log lines about client connections it refused."""
+    text = (pki.ca_cert.parent / "mutual-tls.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if "Error accepting a client connection" in line]
 
 
 def _tls_url(server: RedisServer, ca: Path, *, client: tuple[Path, Path] | None = None) -> str:
@@ -288,4 +296,14 @@ async def test_mutual_tls_refuses_a_client_without_a_valid_certificate(
     server_certificate = _tls_url(
         mutual_tls_server, pki.ca_cert, client=(pki.server_cert, pki.server_key)
     )
-    await assert_stack_refused(server_certificate, "app", "certificate", unavailable=True)
+    refused_before = len(server_refusals(pki))
+    # With TLS 1.3 the server checks the client's certificate after the client has
+    # finished its handshake: the client then reads either the server's alert ("...
+    # certificate ...") or, when the server's close wins the race, a reset connection.
+    # Either way it is refused at once; the server's log says it was for the certificate.
+    await assert_stack_refused(
+        server_certificate, "app", "certificate|reset by peer|closed", unavailable=True
+    )
+    refusals = server_refusals(pki)[refused_before:]
+    assert refusals, "the server logged no refused client"
+    assert all("certificate" in line for line in refusals), refusals

@@ -201,3 +201,11 @@ def test_design_document_names_are_exported_when_available() -> None:
     assert not missing
     undeclared = sorted(name for name in candidates if name not in public)
     assert undeclared == [], f"names in DESIGN.md not exported: {undeclared}"
+
+
+def test_bad_input_has_one_root() -> None:
+    error = aiocache_llm.InvalidInputTypeError("wrong type")
+    assert isinstance(error, aiocache_llm.InvalidInputError)
+    assert isinstance(error, TypeError)
+    assert isinstance(error, ValueError)
+    assert issubclass(aiocache_llm.ValueTooLargeError, aiocache_llm.InvalidInputError)
