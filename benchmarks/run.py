@@ -2,8 +2,9 @@
 
 Starts a private ``redis-server`` on a free loopback port (unless ``--redis-url`` is
 given), runs the scenarios one after the other in this process (scenario 6 uses
-child processes to measure memory from a clean heap), and writes the report and
-the headline chart. ``--quick`` runs fewer operations and repeats (under 2 minutes).
+child processes to measure memory from a clean heap, scenario 7 one to follow a
+stream from another process), and writes the report and the headline chart.
+``--quick`` runs fewer operations and repeats (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from urllib.parse import urlparse
 from benchmarks.harness import Section
 from benchmarks.scenarios.common import Context
 
-SCENARIOS = ["exact_memory", "exact_redis", "rate_limiter", "semantic", "stampede", "memory_rss"]
+SCENARIOS = [
+    "exact_memory",
+    "exact_redis",
+    "rate_limiter",
+    "semantic",
+    "stampede",
+    "memory_rss",
+    "streaming",
+]
 HERE = Path(__file__).resolve().parent
 PEERS = ["aiocache_llm", "aiocache", "cashews", "limits", "redis", "hiredis", "numpy", "orjson"]
 

@@ -221,16 +221,6 @@ class StreamBroadcast:
             callback, self.on_abandoned = self.on_abandoned, None
             callback()
 
-    def _item(self, position: int) -> Any:
-        index = position - self._offset
-        if index < 0:
-            raise StreamInterruptedError(
-                f"this consumer fell more than {self._max_bytes} bytes behind the stream "
-                "and its next chunks were dropped"
-            )
-        item = self._items[index]
-        return self._codec.decode(item.frame) if type(item) is _Copy else item
-
 
 class Subscription:
     """One consumer's read position in a :class:`StreamBroadcast`; an async iterator.
@@ -252,27 +242,32 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Any:
+        # the hot path of every consumer for every chunk: fields read directly
         broadcast = self._broadcast
-        while True:
-            if self._closed:
-                raise StopAsyncIteration
-            if self._position < broadcast.published:
-                try:
-                    chunk = broadcast._item(self._position)
-                except BaseException:
+        while not self._closed:
+            index = self._position - broadcast._offset
+            if index < len(broadcast._items):
+                if index < 0:
                     self.close()
-                    raise
+                    raise StreamInterruptedError(
+                        f"this consumer fell more than {broadcast._max_bytes} bytes behind "
+                        "the stream and its next chunks were dropped"
+                    )
+                item = broadcast._items[index]
                 self._position += 1
-                return chunk
+                if type(item) is _Copy:
+                    return broadcast._codec.decode(item.frame)
+                return item
             outcome = broadcast._outcome
             if outcome is not None:
                 self.close()
                 if outcome is _END:
                     raise StopAsyncIteration
                 raise outcome
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[None] = broadcast._loop.create_future()
             broadcast._waiters.append(waiter)
             await waiter
+        raise StopAsyncIteration
 
     @property
     def position(self) -> int:

@@ -310,6 +310,10 @@ class FleetStreams:
                 if waited_enough <= 0:
                     return False
                 block_ms = max(1, min(block_ms, int(waited_enough * 1000)))
+            if expected:
+                # let the consumers take the chunks just relayed before this task sends
+                # its next blocking read: it would otherwise go first (~0.1 ms a chunk)
+                await asyncio.sleep(0)
             entries = await self._read(stream_key, last_id, block_ms)
             if entries is None:
                 self.lost += 1

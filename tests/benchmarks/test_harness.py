@@ -48,7 +48,7 @@ def test_quick_run_writes_the_report_and_the_chart(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     text = report.read_text()
     for title in ("1. Exact hit, in memory", "2. Exact hit, Redis", "3. Rate limiter",
-                  "4. Semantic lookup", "5. Stampede", "6. Memory"):  # fmt: skip
+                  "4. Semantic lookup", "5. Stampede", "6. Memory", "7. Streaming"):  # fmt: skip
         assert title in text
     assert "Targets met:" in text
     assert "aiocache SimpleMemoryCache.get" in text
