@@ -37,12 +37,12 @@ class ProducerLost(Exception):
 
 
 class _Copy:
-    """A mutable chunk as its encoded frame: every consumer decodes a copy of its own."""
+    """A mutable chunk kept encoded: every consumer builds a copy of its own with ``make``."""
 
-    __slots__ = ("frame",)
+    __slots__ = ("make",)
 
-    def __init__(self, frame: bytes) -> None:
-        self.frame = frame
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
 
 
 _END = object()
@@ -153,7 +153,10 @@ class StreamBroadcast:
             self._recording = None
             item, size = chunk, sys.getsizeof(chunk)
         else:
-            item = chunk if type(chunk) in IMMUTABLE_VALUE_TYPES else _Copy(frame)
+            if type(chunk) in IMMUTABLE_VALUE_TYPES:
+                item = chunk
+            else:
+                item = _Copy(self._codec.copier(chunk, frame))
             size = len(frame)
         if self._recording is not None:
             self._recording.append(chunk)
@@ -256,7 +259,7 @@ class Subscription:
                 item = broadcast._items[index]
                 self._position += 1
                 if type(item) is _Copy:
-                    return broadcast._codec.decode(item.frame)
+                    return item.make()
                 return item
             outcome = broadcast._outcome
             if outcome is not None:

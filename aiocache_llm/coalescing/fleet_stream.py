@@ -36,9 +36,11 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS
+from aiocache_llm.backends.redis.lane import CommandLane
 from aiocache_llm.coalescing.broadcast import ProducerLost, StreamBroadcast
 from aiocache_llm.coalescing.fleet import RENEW_LEASE, keep_renewing
 from aiocache_llm.core.codec import ValueCodec
@@ -98,6 +100,7 @@ _END = b"e"
 _ERROR = b"x"
 _UNREACHABLE = object()
 _READ_BATCH = 512
+_READ_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DRIVER_ERRORS)
 
 
 class StreamMirror(Protocol):
@@ -114,6 +117,8 @@ class _Publisher:
     def __init__(self, owner: FleetStreams, stream_key: str) -> None:
         self._owner = owner
         self._key = stream_key
+        # one connection held for the stream's writes: no pool checkout per chunk
+        self._lane = CommandLane(owner._client)
         self._pending: list[bytes] = []  # kind, payload, kind, payload, ...
         self._next_seq = 0
         self._writer: asyncio.Future[None] | None = None
@@ -156,16 +161,23 @@ class _Publisher:
                 *batch,
             ]
             self._next_seq += len(batch) // 2
-            written = await owner._guard.call(
-                functools.partial(owner._publish, keys=[self._key], args=args), _UNREACHABLE
-            )
+            written = await owner._guard.call(functools.partial(self._append, args), _UNREACHABLE)
             if written is _UNREACHABLE:
                 self._broken = True  # followers will see the leader as gone
 
+    async def _append(self, args: list[bytes | int]) -> Any:
+        owner = self._owner
+        try:
+            return await self._lane.execute("EVALSHA", owner._publish.sha, 1, self._key, *args)
+        except redis_errors.NoScriptError:
+            return await owner._publish(keys=[self._key], args=args)  # loads it, then runs
+
     async def drain(self) -> None:
-        """Wait until everything queued is written (or the writes failed)."""
+        """Wait until everything queued is written (or the writes failed), then let go
+        of the connection."""
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+        await self._lane.aclose()
 
 
 class FleetStreams:
@@ -299,6 +311,21 @@ class FleetStreams:
         self, stream_key: str, lease_key: str, holder: str, flight: StreamBroadcast
     ) -> bool:
         """Relay the leader's stream into ``flight``; False if it never started in time."""
+        # one connection held for the blocking reads: no pool checkout per read
+        lane = CommandLane(self._client)
+        try:
+            return await self._relay(lane, stream_key, lease_key, holder, flight)
+        finally:
+            await lane.aclose()
+
+    async def _relay(
+        self,
+        lane: CommandLane,
+        stream_key: str,
+        lease_key: str,
+        holder: str,
+        flight: StreamBroadcast,
+    ) -> bool:
         last_id: bytes | str = "0-0"
         expected = 0
         loop = asyncio.get_running_loop()
@@ -314,7 +341,7 @@ class FleetStreams:
                 # let the consumers take the chunks just relayed before this task sends
                 # its next blocking read: it would otherwise go first (~0.1 ms a chunk)
                 await asyncio.sleep(0)
-            entries = await self._read(stream_key, last_id, block_ms)
+            entries = await self._read(lane, stream_key, last_id, block_ms)
             if entries is None:
                 self.lost += 1
                 raise ProducerLost("Redis stopped answering while following the fleet leader")
@@ -323,7 +350,7 @@ class FleetStreams:
                 if holding is not None and bytes(holding).decode() == holder:
                     continue
                 # the lease is gone: unless the end was written just now, the leader died
-                entries = await self._read(stream_key, last_id, None)
+                entries = await self._read(lane, stream_key, last_id, None)
                 if not entries:
                     self.lost += 1
                     raise ProducerLost("the fleet leader stopped mid-stream")
@@ -351,24 +378,38 @@ class FleetStreams:
                     return True
 
     async def _read(
-        self, stream_key: str, last_id: bytes | str, block_ms: int | None
+        self, lane: CommandLane, stream_key: str, last_id: bytes | str, block_ms: int | None
     ) -> list[tuple[bytes, dict[bytes, bytes]]] | None:
         """Entries after ``last_id``, waiting up to ``block_ms`` (None: not at all) for one;
         [] when none came in time, None if Redis failed."""
+        block = () if block_ms is None else ("BLOCK", block_ms)
         try:
             # a blocked read is bounded by the server; ours only backs it up
             with deadline(self._block_ms / 1000 + 5.0):
-                reply: Any = await self._client.xread(
-                    {stream_key: last_id}, count=_READ_BATCH, block=block_ms
+                reply = await lane.execute(
+                    "XREAD", "COUNT", _READ_BATCH, *block, "STREAMS", stream_key, last_id
                 )
-        except (TimeoutError, *DRIVER_ERRORS) as exc:  # type: ignore[misc]
+        except _READ_ERRORS as exc:
             logger.debug("reading a fleet stream failed: %s", type(exc).__name__)
             return None
-        if not reply:
-            return []
-        if isinstance(reply, dict):  # RESP3
-            return list(next(iter(reply.values()))[0])
-        return list(reply[0][1])
+        return _stream_entries(reply)
+
+
+def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a one-stream ``XREAD`` reply, in any of the shapes redis-py gives:
+    raw or parsed, RESP2 (a list of ``[key, entries]``) or RESP3 (a map)."""
+    if not reply:
+        return []
+    streams = list(reply.values()) if isinstance(reply, dict) else [item[1] for item in reply]
+    entries = streams[0]
+    if entries and isinstance(entries[0], list) and isinstance(entries[0][0], (list, tuple)):
+        entries = entries[0]  # redis-py's RESP3 parser wraps them once more
+    parsed = []
+    for entry_id, fields in entries:
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        parsed.append((entry_id, fields))
+    return parsed
 
 
 def _message(error: BaseException) -> str:

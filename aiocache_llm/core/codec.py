@@ -21,8 +21,9 @@ else under our keys (a pickle, another library's entry, truncated bytes) is a
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -210,6 +211,17 @@ class ValueCodec:
             chunks.append(self.decode(bytes(view[at:stop])))
             at = stop
         return chunks
+
+    def copier(self, value: object, data: bytes) -> Callable[[], Any]:
+        """Return a function that builds a fresh copy of ``value`` from ``data``, its
+        :meth:`encode` output, skipping the checks a stored entry needs (this codec
+        wrote ``data`` a moment ago): a JSON parse, or one model validation."""
+        if isinstance(value, BaseModel):
+            payload = data[data.index(b"\n", _HEADER_LEN) + 1 :]
+            return functools.partial(type(value).model_validate_json, payload)
+        if type(value) in _JSON_TYPES:
+            return functools.partial(orjson.loads, data[_HEADER_LEN:])
+        return functools.partial(self.decode, data)
 
     def _decode_model(self, data: bytes) -> BaseModel:
         end = data.find(b"\n", _HEADER_LEN)

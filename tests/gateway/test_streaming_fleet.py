@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from aiocache_llm import (
     HashingEmbedder,
@@ -166,3 +167,33 @@ async def test_a_follower_streams_alone_when_the_leader_sends_nothing_in_time(
     await follower.aclose()
     assert (slow.streams, fast.streams) == (1, 1)
     assert 0.15 <= elapsed < 1.0
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "options",
+    [{"protocol": 3}, {"max_connections": 4}, {"protocol": 3, "max_connections": 4}],
+    ids=["resp3", "small-pool", "resp3-small-pool"],
+)
+async def test_streams_are_shared_through_any_client_shape(
+    real_redis: RedisTarget, options: dict[str, Any]
+) -> None:
+    """RESP3 replies and small pools (no held connection: parsed replies) read alike."""
+    assert real_redis.url is not None
+    clients = [Redis.from_url(real_redis.url, **options) for _ in range(2)]
+    provider = StreamingProvider(delay=0.02)
+    gateways = [
+        InferenceGateway(
+            provider,
+            exact_cache=RedisExactCache(client=client, key_prefix=real_redis.prefix),
+            lease_seconds=1.0,
+        )
+        for client in clients
+    ]
+    results = await asyncio.gather(*(collect(g.stream(QUERY)) for g in gateways for _ in range(3)))
+    for gateway in gateways:
+        await gateway.aclose()
+    for client in clients:
+        await client.aclose()
+    assert results == [TEXT] * 6
+    assert provider.streams == 1

@@ -447,3 +447,16 @@ def test_truncated_or_spliced_recordings_are_corrupt(cut: int) -> None:
     nested = data[:5] + len(data).to_bytes(4, "big") + data
     with pytest.raises(CorruptEntryError):
         CODEC.decode(nested)
+
+
+@pytest.mark.parametrize(
+    "value", [{"a": [1, {"b": 2.5}]}, [1, "two"], LLMResponse(content="x", metadata={"k": [1]})]
+)
+def test_copier_builds_equal_independent_copies_of_mutable_values(value: Any) -> None:
+    make = CODEC.copier(value, CODEC.encode(value))
+    first, second = make(), make()
+    assert type(first) is type(value)
+    assert first == value
+    assert second == value
+    assert first is not second
+    assert first is not value
