@@ -54,7 +54,10 @@ from aiocache_llm.protocols import (
     AsyncChatMemory,
     AsyncExactCache,
     AsyncRateLimiter,
+    AsyncReservingRateLimiter,
     AsyncSemanticCache,
+    AsyncUsageRecordingRateLimiter,
+    Reservation,
 )
 
 __version__ = "0.1.0"
@@ -82,6 +85,9 @@ __all__ = [
     "AsyncSemanticCache",
     "AsyncRateLimiter",
     "AsyncChatMemory",
+    "AsyncReservingRateLimiter",
+    "AsyncUsageRecordingRateLimiter",
+    "Reservation",
     "MemoryExactCache",
     "RedisExactCache",
     "MemorySemanticCache",

@@ -4,18 +4,31 @@ Each has an in-memory twin (one process, no server) and a Redis twin (shared by 
 fleet); both pass the same contract suite in ``tests/contract/``. Every method is a
 coroutine and every implementation is an async context manager with ``aclose()``.
 The protocols are runtime-checkable, so ``isinstance(x, AsyncExactCache)`` works
-on any object that has the methods.
+on any object that has the methods. Two more rate-limiter protocols name optional
+capabilities (both limiters have them): :class:`AsyncReservingRateLimiter` (grants
+returned as :class:`Reservation` handles, so a call gives back only what it reserved)
+and :class:`AsyncUsageRecordingRateLimiter` (tokens used beyond a reservation are
+recorded even past the budget).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from aiocache_llm.core.query import Query
 from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
 
-__all__ = ["AsyncChatMemory", "AsyncExactCache", "AsyncRateLimiter", "AsyncSemanticCache"]
+__all__ = [
+    "AsyncChatMemory",
+    "AsyncExactCache",
+    "AsyncRateLimiter",
+    "AsyncReservingRateLimiter",
+    "AsyncSemanticCache",
+    "AsyncUsageRecordingRateLimiter",
+    "Reservation",
+]
 
 
 class _AsyncClosable(Protocol):
@@ -103,6 +116,44 @@ class AsyncRateLimiter(_AsyncClosable, Protocol):
 
     async def stats(self) -> RateLimiterStats:
         """Return a frozen snapshot of the counters."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class Reservation:
+    """Tokens one ``reserve`` call granted to ``user_id``: the handle to give back its unused part.
+
+    ``handle`` is the limiter's own reference to the grant (opaque to callers; ``None``
+    when the tokens were granted without being recorded, e.g. by a limiter failing
+    open). Two reservations are equal only if they are the same object.
+    """
+
+    user_id: str
+    tokens: int
+    handle: object = None
+
+
+@runtime_checkable
+class AsyncReservingRateLimiter(AsyncRateLimiter, Protocol):
+    """A rate limiter whose grants are reservations: a call gives back only its own tokens."""
+
+    async def reserve(
+        self, user_id: str, tokens: int, *, timeout: float | None = None
+    ) -> Reservation:
+        """Grant ``tokens`` like ``acquire`` (``timeout=0``: no waiting); return the handle."""
+        ...
+
+    async def release(self, reservation: Reservation, tokens: int | None = None) -> int:
+        """Give back up to ``tokens`` (None: all) that ``reservation`` still holds; say how many."""
+        ...
+
+
+@runtime_checkable
+class AsyncUsageRecordingRateLimiter(AsyncRateLimiter, Protocol):
+    """A rate limiter that records tokens used beyond a reservation, even past the budget."""
+
+    async def record_usage(self, user_id: str, tokens: int) -> None:
+        """Count ``tokens`` as used by the user now, whether or not they fit: a debt."""
         ...
 
 

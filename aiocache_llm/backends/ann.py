@@ -271,8 +271,14 @@ class AnnIndex:
             rows = np.concatenate((rows, self._label_rows[labels]))
         return rows
 
+    def _forget_other_loops(self) -> None:
+        # a catch-up started by an event loop that has ended will never finish here
+        if self._task is not None and self._task.get_loop() is not asyncio.get_running_loop():
+            self._task = None
+
     def start(self, gather: Gather) -> None:
         """Start a catch-up in the background if one is due and none runs."""
+        self._forget_other_loops()
         if self.behind and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._catch_up(gather))
 
@@ -281,6 +287,7 @@ class AnnIndex:
 
         Cancelling the caller does not cancel the catch-up.
         """
+        self._forget_other_loops()
         while not self._stopped and (self._pending or self._stale):
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._catch_up(gather))

@@ -1,10 +1,15 @@
-"""What both rate limiters share: the queue of waiting ``acquire`` calls, config check, errors.
+"""What both rate limiters share: the queue of waiting ``acquire`` calls, checks, errors.
 
 :class:`AcquireQueues` keeps, per user, the ``acquire`` calls of this process that
 wait for budget, in arrival order; the backend only has to answer "grant now, or in
 how many seconds would these tokens fit". :data:`FailureMode` is what a limiter that
 talks to a server does when the server cannot answer (the memory limiter does no
 I/O, so it has no such policy).
+
+Token counts are exact integers up to :data:`MAX_TOKENS` (2**53 - 1, the largest
+integer a Redis Lua number holds exactly) on both limiters: budgets, tokens per call
+and a user's total in one window. Larger budgets and token counts are refused with
+:class:`InvalidInputError` before anything changes (:func:`check_tokens`).
 """
 
 from __future__ import annotations
@@ -17,17 +22,27 @@ from typing import Literal, cast, get_args
 
 from aiocache_llm.core.config import RateLimitConfig
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError, RateLimitExceeded
+from aiocache_llm.core.validation import check_finite_number, check_positive_int
+from aiocache_llm.protocols import Reservation
 
 __all__ = [
+    "MAX_TOKENS",
     "AcquireQueues",
     "Attempt",
     "FailureMode",
     "backend_down",
     "check_config",
     "check_failure_mode",
+    "check_release_tokens",
+    "check_reservation",
+    "check_reserve_timeout",
+    "check_tokens",
     "over_budget",
     "timed_out",
 ]
+
+MAX_TOKENS = 2**53 - 1
+"""The largest budget, token count and per-user total both limiters hold exactly."""
 
 FailureMode = Literal["open", "closed", "raise"]
 """What a limiter answers when its backend cannot: grant (``"open"``), refuse
@@ -45,12 +60,47 @@ seconds until the tokens would fit, or ``None`` when they fit now.
 
 
 def check_config(config: object) -> RateLimitConfig:
-    """Return ``config`` if it is a :class:`RateLimitConfig`."""
+    """Return ``config`` if it is a :class:`RateLimitConfig` whose budget is at most MAX_TOKENS."""
     if not isinstance(config, RateLimitConfig):
         raise InvalidInputTypeError(
             f"config must be a RateLimitConfig, got {type(config).__name__}"
         )
+    check_positive_int("max_tokens_per_minute", config.budget, at_most=MAX_TOKENS)
     return config
+
+
+def check_tokens(value: object, name: str = "tokens") -> int:
+    """Return a token count: an ``int`` in [1, :data:`MAX_TOKENS`]."""
+    return check_positive_int(name, value, at_most=MAX_TOKENS)
+
+
+def check_release_tokens(value: object) -> int | None:
+    """Return the tokens a ``release`` gives back: None (all) or a token count."""
+    return None if value is None else check_tokens(value)
+
+
+def check_reserve_timeout(value: object) -> float | None:
+    """Return a ``reserve`` timeout: None (no limit), 0 (no waiting) or finite seconds > 0."""
+    if value is None:
+        return None
+    seconds = check_finite_number("timeout", value)
+    if seconds < 0:
+        raise InvalidInputError(f"timeout must be >= 0 or None, got {value}")
+    return seconds
+
+
+def check_reservation(value: object, handle_type: type, limiter: str) -> Reservation:
+    """Return ``value`` if it is a :class:`Reservation` that ``limiter`` (a class name) made.
+
+    Its handle must be ``None`` (granted unrecorded) or a ``handle_type``.
+    """
+    if not isinstance(value, Reservation):
+        raise InvalidInputTypeError(
+            f"reservation must be a Reservation returned by reserve(), got {type(value).__name__}"
+        )
+    if value.handle is not None and not isinstance(value.handle, handle_type):
+        raise InvalidInputError(f"reservation was not made by a {limiter}")
+    return value
 
 
 def check_failure_mode(value: object) -> FailureMode:
@@ -77,10 +127,11 @@ def over_budget(user_id: str, tokens: int, config: RateLimitConfig) -> RateLimit
 def timed_out(
     user_id: str, tokens: int, timeout: float | None, retry_after: float
 ) -> RateLimitExceeded:
-    """The error of an ``acquire`` that did not get its tokens within ``timeout``."""
+    """The error of an ``acquire`` that did not get its tokens within ``timeout`` (0: now)."""
+    when = "now" if timeout == 0 else f"within timeout={timeout} s"
     return RateLimitExceeded(
-        f"{tokens} tokens did not fit in the budget of user {user_id!r} within "
-        f"timeout={timeout} s; they would fit in {retry_after:.3f} s",
+        f"{tokens} tokens did not fit in the budget of user {user_id!r} {when}; "
+        f"they would fit in {retry_after:.3f} s",
         retry_after=retry_after,
         user_id=user_id,
     )
@@ -115,7 +166,7 @@ class _Waiter:
     def wake(self) -> None:
         if self._future is None:
             self._nudged = True
-        else:
+        elif not self._loop.is_closed():  # a call of an ended loop sleeps for good
             _resolve(self._future)
 
     async def sleep(self, until: float | None) -> None:
@@ -170,12 +221,21 @@ class AcquireQueues:
 
     def blocked(self, key: str) -> bool:
         """Whether calls for ``key`` wait for budget, which check_and_consume must leave them."""
-        queue = self._queues.get(key)
+        queue = self._live_queue(key)
         return queue is not None and queue.blocked
+
+    def _live_queue(self, key: str) -> _Queue | None:
+        """``key``'s queue, unless its calls belong to an event loop that has ended
+        (``asyncio.run`` after ``asyncio.run``): those never leave it, so it is dropped."""
+        queue = self._queues.get(key)
+        if queue is not None and queue.waiters[0]._loop is not asyncio.get_running_loop():
+            del self._queues[key]
+            return None
+        return queue
 
     def nudge(self, key: str) -> None:
         """Budget of ``key`` was freed (a reset): let the head of its queue ask again now."""
-        queue = self._queues.get(key)
+        queue = self._live_queue(key)
         if queue is not None:
             queue.waiters[0].wake()
 
@@ -184,6 +244,14 @@ class AcquireQueues:
         for queue in self._queues.values():
             for waiter in queue.waiters:
                 waiter.wake()
+
+    async def attempt_now(self, key: str, attempt: Attempt) -> float | None:
+        """Ask once, without waiting or queueing: ``None`` once granted, else the seconds
+        until the tokens would fit (0.0 when they fit but queued calls wait for them:
+        like ``check_and_consume``, it leaves them the budget)."""
+        if self.blocked(key):
+            return await attempt(False) or 0.0
+        return await attempt(True)
 
     async def acquire(self, key: str, attempt: Attempt, timeout: float | None) -> float | None:
         """Wait for this call's turn in ``key``'s queue, then until ``attempt`` grants.
@@ -195,7 +263,7 @@ class AcquireQueues:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        queue = self._queues.get(key)
+        queue = self._live_queue(key)
         if queue is None:
             queue = self._queues[key] = _Queue()
         waiter = _Waiter(loop)
@@ -223,6 +291,7 @@ class AcquireQueues:
             was_head = queue.waiters[0] is waiter
             queue.waiters.remove(waiter)
             if not queue.waiters:
-                del self._queues[key]
+                if self._queues.get(key) is queue:
+                    del self._queues[key]
             elif was_head:
                 queue.waiters[0].wake()

@@ -11,12 +11,23 @@ already reduced each process to one caller:
    provider call, store in the cache)
    while a renewer extends the lease every third of its life with a
    compare-and-``PEXPIRE``; then ``RELEASE`` deletes the lease only if the token is
-   still its own and, if any waiter registered, ``PUBLISH``es the outcome.
+   still its own and, if any waiter registered, ``PUBLISH``es the outcome: the
+   answer itself (``value``) when it encodes to at most ``inline_max_bytes``, else
+   ``stored``; ``failed`` when ``compute()`` raised.
 3. A waiter looks the cache up once (the answer may already be there), then waits
    for the notification or for the lease's remaining life, whichever comes first
-   (one armed timer, no polling). ``stored`` -> read the cache; ``failed`` or lease
-   expiry (the leader died: no renewals) -> try to lead. After ``max_wait`` seconds
-   in all it calls ``compute()`` itself, so nobody waits forever.
+   (one armed timer, no polling). ``value`` -> that is the answer (decoded here, a
+   fresh copy); ``stored`` -> read the cache, and if the answer is not there (it
+   could not be stored: too large, ``None``, a failed put; or it expired or was
+   evicted already) call ``compute()`` at once, without a lease: every waiter of
+   the fleet then computes side by side instead of one after another; ``failed``
+   or lease expiry (the leader died: no renewals) -> try to lead. After
+   ``max_wait`` seconds in all it calls ``compute()`` itself, so nobody waits
+   forever.
+
+An answer is never stored by the notification: a small answer that the cache could
+not keep (beyond the cache's ``max_value_bytes``, or a TTL that ran out) still
+reaches every waiter, and the next request computes it again.
 
 Notifications arrive on one channel subscription per coalescer (per process),
 started on the first wait. Redis failures never fail a call: coordination is
@@ -36,11 +47,23 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 
-from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
+from aiocache_llm.backends.redis.connection import (
+    DRIVER_ERRORS,
+    backend_error,
+    bind_to_running_loop,
+)
+from aiocache_llm.core.codec import ValueCodec
+from aiocache_llm.core.errors import CorruptEntryError, InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.guard import BackendGuard
-from aiocache_llm.core.validation import check_positive_number
+from aiocache_llm.core.validation import check_positive_int, check_positive_number
 
-__all__ = ["RENEW_LEASE", "FleetCoalescer", "keep_renewing"]
+__all__ = [
+    "DEFAULT_INLINE_BYTES",
+    "RELEASE_LEASE",
+    "RENEW_LEASE",
+    "FleetCoalescer",
+    "keep_renewing",
+]
 
 logger = logging.getLogger("aiocache_llm.coalescing")
 
@@ -77,7 +100,8 @@ RELEASE_LEASE = """
 -- Release a lease (only if still owned) and wake the waiters of other processes.
 -- KEYS[1] lease key, KEYS[2] waiter marker key
 -- ARGV[1] holder token, ARGV[2] notification channel,
--- ARGV[3] notification: '<digest> stored' | '<digest> failed'
+-- ARGV[3] notification: '<digest> stored' | '<digest> failed' | '<digest> value <answer>'
+-- (the answer encoded by the value codec, sent only when small)
 -- returns 1 when the lease was still owned and is now released, else 0
 local owned = redis.call('GET', KEYS[1]) == ARGV[1]
 if owned then
@@ -92,9 +116,14 @@ end
 return 0
 """
 
+DEFAULT_INLINE_BYTES = 64 * 1024
+"""Largest encoded answer a leader sends in its notification (to every process)."""
+
 _STORED = b"stored"
 _FAILED = b"failed"
+_VALUE = b"value "  # followed by the encoded answer
 _UNREACHABLE = object()
+_UNDECODABLE = object()
 
 
 async def keep_renewing(
@@ -129,7 +158,12 @@ class _Notifier:
         self._pubsub: PubSub | None = None
 
     async def start(self) -> None:
-        """Return once the subscription is confirmed by the server; restarts a dead reader."""
+        """Return once the subscription is confirmed by the server; restarts a dead reader
+        (or one of an event loop that has ended: its waiters are forgotten with it)."""
+        reader = self._reader
+        if reader is not None and reader.get_loop() is not asyncio.get_running_loop():
+            self._reader = self._ready = self._pubsub = None
+            self._waiters.clear()
         if self._reader is None or self._reader.done():
             self._ready = asyncio.get_running_loop().create_future()
             self._reader = asyncio.ensure_future(self._read())
@@ -193,6 +227,12 @@ class FleetCoalescer:
     bounds how long a waiter waits in all before computing by itself. Keys are
     ``{key_prefix}:lease:{digest}`` (plus ``:w`` for the waiter marker) and the
     notification channel ``{key_prefix}:lease-done`` (messages ``<digest> <outcome>``).
+
+    With a ``codec`` (the shared cache's, which knows the declared value types), a
+    leader sends its answer in the notification when it encodes to at most
+    ``inline_max_bytes`` (:data:`DEFAULT_INLINE_BYTES`), whether or not the cache
+    kept it; waiters decode it with that codec (data only, never unpickled). Without
+    one, waiters always read the cache.
     """
 
     def __init__(
@@ -203,6 +243,8 @@ class FleetCoalescer:
         guard: BackendGuard | None = None,
         lease_seconds: float = 10.0,
         max_wait_seconds: float = 60.0,
+        codec: ValueCodec | None = None,
+        inline_max_bytes: int = DEFAULT_INLINE_BYTES,
     ) -> None:
         self._client = client
         self._prefix = key_prefix
@@ -210,6 +252,12 @@ class FleetCoalescer:
         lease = check_positive_number("lease_seconds", lease_seconds)
         self._lease_ms = max(1, round(lease * 1000))
         self._max_wait = check_positive_number("max_wait_seconds", max_wait_seconds)
+        self._codec = codec
+        # its own bound, not the cache's: an answer the cache refuses as too large
+        # for storage may still be small enough to hand to the waiters
+        self._inline = ValueCodec(
+            max_value_bytes=check_positive_int("inline_max_bytes", inline_max_bytes)
+        )
         self._try_lease = client.register_script(TRY_LEASE)
         self._renew_lease = client.register_script(RENEW_LEASE)
         self._release_lease = client.register_script(RELEASE_LEASE)
@@ -223,6 +271,9 @@ class FleetCoalescer:
         """Leads taken after a leader failed or died."""
         self.gave_up = 0
         """Waits that hit ``max_wait_seconds`` and computed without a lease."""
+        self.unshared = 0
+        """Waits that ended with the leader's answer neither sent nor found in the cache,
+        so this process computed it at once, without a lease."""
 
     def __repr__(self) -> str:
         return (
@@ -240,7 +291,9 @@ class FleetCoalescer:
 
         ``lookup`` reads the shared cache (``None`` = not there); ``compute`` produces
         and stores the value. Exceptions of ``compute`` propagate to this caller only;
-        other processes' waiters then try to lead themselves.
+        other processes' waiters then try to lead themselves. A leader's answer that
+        waiters can neither receive nor read makes each of them call ``compute`` at
+        once (concurrently across the fleet), never wait for a lease in turn.
         """
         lease_key = f"{self._prefix}:lease:{digest}"
         marker_key = f"{lease_key}:w"
@@ -248,6 +301,7 @@ class FleetCoalescer:
         token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._max_wait
+        bind_to_running_loop(self._client)
         if await self._guard.call(self._notifier.start, _UNREACHABLE) is _UNREACHABLE:
             return await compute()
         tried = False
@@ -281,11 +335,23 @@ class FleetCoalescer:
                 # wake on the leader's notification or when its lease would run out
                 wait = min(budget, int(remaining) / 1000 + 0.05)
                 await asyncio.wait((notified,), timeout=wait)
-                if notified.done() and notified.result() == _STORED:
-                    found = await lookup()
-                    if found is not None:
+                outcome = notified.result() if notified.done() else _FAILED
+                if outcome.startswith(_VALUE):
+                    value = self._decode(outcome[len(_VALUE) :])
+                    if value is not _UNDECODABLE:
                         self.waited += 1
-                        return found
+                        return value  # type: ignore[return-value]
+                    outcome = _STORED  # a type not declared here: the cache may have it
+                if outcome != _STORED:
+                    continue  # failed, or the leader died: one of the waiters leads next
+                found = await lookup()
+                if found is not None:
+                    self.waited += 1
+                    return found
+                # the leader is done but its answer cannot be had here: a new lease
+                # would only make the fleet's waiters compute one after another
+                self.unshared += 1
+                return await compute()
             finally:
                 self._notifier.unwatch(watched, notified)
                 notified.cancel()
@@ -310,7 +376,7 @@ class FleetCoalescer:
                 return found
             self.led += 1
             result = await compute()
-            outcome = _STORED
+            outcome = self._share(result)
             return result
         finally:
             renewer.cancel()
@@ -321,6 +387,29 @@ class FleetCoalescer:
                 ),
                 None,
             )
+
+    def _share(self, result: object) -> bytes:
+        """The notification outcome for a computed ``result``: itself if small, else stored."""
+        if self._codec is None:
+            return _STORED
+        max_bytes = self._inline.max_value_bytes
+        if type(result) is str and max_bytes is not None and len(result) > max_bytes:
+            return _STORED  # a text longer than the bound in characters is, in bytes too
+        try:
+            return _VALUE + self._inline.encode(result)
+        except (InvalidInputError, InvalidInputTypeError):
+            # too large to send, None, or not a cacheable value: waiters read the cache
+            return _STORED
+
+    def _decode(self, data: bytes) -> object:
+        codec = self._codec
+        if codec is None:
+            return _UNDECODABLE
+        try:
+            return codec.decode(data)
+        except CorruptEntryError:
+            # a model type this process does not declare, or bytes we did not write
+            return _UNDECODABLE
 
     async def _keep_renewing(self, lease_key: str, token: str) -> None:
         await keep_renewing(self._guard, self._renew_lease, lease_key, token, self._lease_ms)

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from aiocache_llm.backends.redis.connection import DRIVER_ERRORS
+from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, bind_to_running_loop
 from aiocache_llm.backends.redis.lane import CommandLane
 from aiocache_llm.coalescing.broadcast import ProducerLost, StreamBroadcast
 from aiocache_llm.coalescing.fleet import RENEW_LEASE, keep_renewing
@@ -247,6 +247,7 @@ class FleetStreams:
         """
         lease_key = f"{self._prefix}:lease:{digest}"
         token = secrets.token_hex(16)
+        bind_to_running_loop(self._client)
         claim: Any = await self._guard.call(
             lambda: self._claim(keys=[lease_key], args=[token, self._lease_ms]), _UNREACHABLE
         )

@@ -4,7 +4,10 @@ The gateway never lets a cache failure fail a resolve. Each backend call goes
 through its guard, which bounds it with a deadline, turns failures into a fallback
 value, counts them, and after ``failure_threshold`` consecutive failures *opens*:
 calls are skipped (no I/O at all) for ``reset_after`` seconds, then one probe call
-is let through (*half open*); its success closes the breaker again. State changes
+is let through (*half open*); its success closes the breaker again. A call whose
+duration says nothing about the backend's health (a rate limiter waiting for budget)
+names a quick ``probe`` to be asked instead, so the breaker closes as soon as the
+backend answers, not when that wait ends. State changes
 are logged once each (WARNING when opening, INFO when closing), never per call, and
 log lines carry only the backend's name and the error, never prompt or answer text.
 """
@@ -102,11 +105,28 @@ class BackendGuard:
             return BreakerState.HALF_OPEN
         return self._state
 
-    async def call(self, fn: Callable[[], Awaitable[T]], fallback: F) -> T | F:
-        """Return ``await fn()``, or ``fallback`` if skipped, timed out or failed."""
-        if self._state is not BreakerState.CLOSED and not self._admit():
-            self.skipped += 1
-            return fallback
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        fallback: F,
+        *,
+        probe: Callable[[], Awaitable[object]] | None = None,
+    ) -> T | F:
+        """Return ``await fn()``, or ``fallback`` if skipped, timed out or failed.
+
+        ``probe`` (optional) is a quick call that only tells whether the backend
+        answers. When this call is the one a half-open breaker lets through, the probe
+        runs first, under the same deadline, and decides: answered, the breaker closes
+        and ``fn`` runs as an ordinary call; failed, the breaker opens again and
+        ``fallback`` is returned without calling ``fn``. Without it, ``fn`` is the probe
+        and the breaker stays half open (other calls skipped) for as long as ``fn`` runs.
+        """
+        if self._state is not BreakerState.CLOSED:
+            if not self._admit():
+                self.skipped += 1
+                return fallback
+            if probe is not None and not await self._probe(probe):
+                return fallback  # counted; the breaker is open again
         settled = False
         try:
             if self._watchdog is None:
@@ -140,6 +160,34 @@ class BackendGuard:
                 self._opened_at = self._clock() - self._reset_after
         self._on_success()
         return result
+
+    async def _probe(self, probe: Callable[[], Awaitable[object]]) -> bool:
+        """Ask ``probe`` under the deadline as the half-open breaker's probe.
+
+        Returns True once it answered (the breaker closed; a refusal or a refused
+        value is an answer too), False when it failed (the breaker opened again).
+        """
+        settled = False
+        try:
+            if self._watchdog is None:
+                await probe()
+            else:
+                with self._watchdog.watch():
+                    await probe()
+            settled = True
+        except (RateLimitExceeded, InvalidInputError, InvalidInputTypeError):
+            settled = True
+        except Exception as exc:
+            settled = True
+            self._on_failure(exc)
+            return False
+        finally:
+            if not settled:
+                # cancelled before it could tell: let the next call probe
+                self._state = BreakerState.OPEN
+                self._opened_at = self._clock() - self._reset_after
+        self._on_success()
+        return True
 
     def _admit(self) -> bool:
         if self._state is BreakerState.OPEN:

@@ -15,8 +15,13 @@ values (an absent parameter and ``None`` both mean "provider default"). A cache'
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import enum
 import hashlib
 import math
+import pathlib
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +38,7 @@ __all__ = [
     "canonical_json",
     "default_normalize",
     "signature",
+    "typed_key",
 ]
 
 Query = str | Mapping[str, Any] | BaseModel
@@ -167,6 +173,106 @@ def _reject_non_finite(obj: object, path: str) -> None:
     elif isinstance(obj, (list, tuple)):
         for index, value in enumerate(obj):
             _reject_non_finite(value, f"{path}[{index}]")
+
+
+_TYPE_TAG = "\x00type"
+_VALUE_TAG = "\x00value"
+_ESCAPE = "\x00"
+
+
+def typed_key(value: object, *, what: str = "argument") -> Any:
+    """Return ``value`` as JSON data that keeps apart what JSON alone would confuse.
+
+    JSON (and orjson, which writes dataclasses, enums, datetimes, UUIDs, tuples and
+    subclasses of ``str``/``int``/``dict``/``list`` without their type) would give
+    ``Celsius(100)`` and ``Fahrenheit(100)``, ``(1, 2)`` and ``[1, 2]``, a ``UUID``
+    and its text the same key. Here plain ``str``, ``int``, ``float``, ``bool``,
+    ``None``, ``list`` and ``dict`` (with ``str`` keys) stay as they are, so their
+    keys do not change; every other value becomes ``{"\\x00type": "<module>.<qualname>",
+    "\\x00value": <its content>}``: dataclasses and pydantic models (their fields,
+    recursively), enums (the member's name), ``datetime``/``date``/``time`` (ISO
+    text), ``timedelta``, ``UUID``, ``Decimal``, paths, ``bytes``, tuples (named
+    ones too), sets (sorted by their items' keys) and subclasses of the plain types.
+    Dict keys that start with ``\\x00`` get one more, so no dict reads as a tag.
+
+    O(size of value). Raises :class:`InvalidInputTypeError` for anything else (and
+    dicts with keys that are not exactly ``str``): no faithful key exists, the caller
+    must supply one. Raises :class:`InvalidInputError` for NaN or infinite floats and
+    for nesting deeper than JSON allows (cycles included). ``what`` names the value
+    in messages.
+    """
+    return _typed(value, what, 0)
+
+
+def _typed(value: object, what: str, depth: int) -> Any:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise InvalidInputError(f"{what} contains a non-finite float ({value})")
+        return value
+    if depth >= _MAX_JSON_DEPTH:
+        raise InvalidInputError(
+            f"{what} is nested too deeply to key (at most {_MAX_JSON_DEPTH} levels; a cycle?)"
+        )
+    depth += 1
+    if kind is list:
+        return [_typed(item, what, depth) for item in value]  # type: ignore[attr-defined]
+    if kind is dict:
+        return _typed_dict(value, what, depth)  # type: ignore[arg-type]
+    return {
+        _TYPE_TAG: f"{kind.__module__}.{kind.__qualname__}",
+        _VALUE_TAG: _typed_content(value, what, depth),
+    }
+
+
+def _typed_dict(mapping: Mapping[Any, Any], what: str, depth: int) -> dict[str, Any]:
+    typed: dict[str, Any] = {}
+    for key, item in mapping.items():
+        if type(key) is not str:
+            raise InvalidInputTypeError(
+                f"{what} holds a dict key of type {type(key).__name__}, which is not "
+                "JSON-serializable and has no faithful key (only str keys): pass key="
+            )
+        typed[_ESCAPE + key if key.startswith(_ESCAPE) else key] = _typed(item, what, depth)
+    return typed
+
+
+def _typed_content(value: Any, what: str, depth: int) -> Any:
+    """The content of a value tagged with its type (the tag says how to read it)."""
+    if isinstance(value, enum.Enum):  # before str/int: StrEnum, IntEnum
+        return value.name
+    if isinstance(value, BaseModel):
+        return _typed_dict(dict(value), what, depth)  # declared fields and extras
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {item.name: getattr(value, item.name) for item in dataclasses.fields(value)}
+        return _typed_dict(fields, what, depth)
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return [value.days, value.seconds, value.microseconds]
+    if isinstance(value, (uuid.UUID, decimal.Decimal, pathlib.PurePath)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, (tuple, list)):
+        return [_typed(item, what, depth) for item in value]
+    if isinstance(value, Mapping):
+        return _typed_dict(value, what, depth)
+    if isinstance(value, (set, frozenset)):
+        items = [_typed(item, what, depth) for item in value]
+        return sorted(items, key=lambda item: canonical_json(item, what=what))
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _typed(float(value), what, depth)
+    raise InvalidInputTypeError(
+        f"{what} holds a {type(value).__name__} value, which is not JSON-serializable "
+        "and has no faithful key: pass key="
+    )
 
 
 def _hexdigest(data: bytes) -> str:

@@ -19,7 +19,9 @@ class RateLimiterStats(BaseModel):
     """Requests granted (``check_and_consume`` returning True, ``acquire`` returning)."""
     granted_tokens: int = 0
     refunded_tokens: int = 0
-    """Tokens given back by ``refund`` (a call used fewer than it reserved)."""
+    """Tokens given back by ``refund`` or ``release`` (a call used fewer than it reserved)."""
+    recorded_tokens: int = 0
+    """Tokens recorded by ``record_usage`` (used beyond a reservation, even past the budget)."""
     refused: int = 0
     """Requests refused (``check_and_consume`` returning False, ``acquire`` raising)."""
     backend_errors: int = 0

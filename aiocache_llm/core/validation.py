@@ -37,12 +37,18 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an ``int`` (not a ``bool``) greater than zero."""
+def check_positive_int(name: str, value: object, *, at_most: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` (not a ``bool``) greater than zero.
+
+    ``at_most`` bounds it from above (inclusive): a backend that cannot hold larger
+    values exactly refuses them here, before anything changes.
+    """
     if type(value) is not int:
         raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise InvalidInputError(f"{name} must be > 0, got {value}")
+    if at_most is not None and value > at_most:
+        raise InvalidInputError(f"{name} must be at most {at_most}, got {value}")
     return value
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from aiocache_llm.core.errors import InvalidInputTypeError
+from aiocache_llm.core.query import typed_key
 from aiocache_llm.core.validation import check_bool
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream, stream_key_query
@@ -81,10 +82,14 @@ def cached_completion(
 
     The key is the function's qualified name plus its bound arguments with defaults
     applied, so keyword order and positional-or-keyword spelling never change it:
-    ``f(1, b=2)``, ``f(a=1, b=2)`` and ``f(b=2, a=1)`` share one entry. On a method,
-    the first parameter (``self``/``cls``) is left out of the key: instances share
-    entries unless ``key`` says otherwise. ``key(*args, **kwargs)`` replaces the
-    arguments with any JSON-serializable value of your choice.
+    ``f(1, b=2)``, ``f(a=1, b=2)`` and ``f(b=2, a=1)`` share one entry. Arguments are
+    keyed with their types (:func:`~aiocache_llm.core.query.typed_key`): dataclasses,
+    pydantic models, enums, datetimes, UUIDs, tuples, sets and the like carry their
+    type name, so ``f(Celsius(100))`` and ``f(Fahrenheit(100))``, or ``f((1, 2))``
+    and ``f([1, 2])``, never share an entry. On a method, the first parameter
+    (``self``/``cls``) is left out of the key: instances share entries unless ``key``
+    says otherwise. ``key(*args, **kwargs)`` replaces the arguments with a value of
+    your choice, keyed the same way.
 
     ``cache`` defaults to a private :class:`MemoryExactCache`; ``ttl_seconds`` is the
     stored entries' lifetime; other keyword arguments (``semantic_cache`` is not
@@ -103,8 +108,9 @@ def cached_completion(
     rather than hand one single-use stream to several callers.
 
     Raises :class:`InvalidInputTypeError` at decoration when the function is not
-    ``async``, and at call time when the arguments cannot be keyed (not
-    JSON-serializable: pass ``key=``).
+    ``async``, and at call time, before the function runs, when an argument has no
+    faithful key (an arbitrary object, a dict with non-``str`` keys: pass ``key=``);
+    :class:`InvalidInputError` for NaN or infinite floats and cyclic arguments.
     """
     if key is not None and not callable(key):
         raise InvalidInputTypeError(f"key must be callable, got {type(key).__name__}")
@@ -126,14 +132,14 @@ def cached_completion(
 
         def cache_query(*args: Any, **kwargs: Any) -> dict[str, Any]:
             if key is not None:
-                return {"function": name, "key": key(*args, **kwargs)}
+                return {"function": name, "key": typed_key(key(*args, **kwargs), what=name)}
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError as exc:
                 raise InvalidInputTypeError(f"{name}(): {exc}") from exc
             bound.apply_defaults()
             arguments = {k: v for k, v in bound.arguments.items() if k != skip}
-            return {"function": name, "arguments": arguments}
+            return {"function": name, "arguments": typed_key(arguments, what=f"{name}()")}
 
         wrapper: Any
         if generator:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
+from aiocache_llm.backends.promotion import PromotingSemanticCache, SemanticHit
 from aiocache_llm.backends.redis.exact_cache import RedisExactCache
 from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
 from aiocache_llm.coalescing.fleet import FleetCoalescer
@@ -129,9 +130,12 @@ class InferenceGateway(AsyncResource):
 
     Rate limiting (with ``rate_limiter``) charges only provider calls, to the user of
     the caller that makes the call: ``estimate_tokens(query)`` before, reconciled with
-    the usage the answer reports afterwards (refunded when the limiter has
-    ``refund``). ``rate_limit_timeout`` is how long a call may wait for budget (0 =
-    refuse at once with :class:`RateLimitExceeded`, None = wait as long as it takes).
+    the usage the answer reports afterwards: a limiter with reservations
+    (:class:`AsyncReservingRateLimiter`) gives back only this call's unused tokens,
+    and usage beyond the reservation is always recorded
+    (:class:`AsyncUsageRecordingRateLimiter`) as a debt the user's next calls wait
+    out. ``rate_limit_timeout`` is how long a call may wait for budget (0 = refuse
+    at once with :class:`RateLimitExceeded`, None = wait as long as it takes).
     ``on_limiter_error`` says what to do when a limiter call fails (raises anything
     but :class:`RateLimitExceeded`, or overruns the gateway's deadline):
     ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed). A
@@ -145,7 +149,15 @@ class InferenceGateway(AsyncResource):
     limiter's policy, not the deadline, decides.
 
     With no cache given, a private :class:`MemoryExactCache` is used (closed with
-    the gateway); caches passed in belong to the caller and are not closed.
+    the gateway, keyed with ``normalize``); caches passed in belong to the caller and
+    are not closed. ``normalize`` with a supplied :class:`MemoryExactCache` or
+    :class:`RedisExactCache` raises :class:`InvalidInputError` (that cache keys queries
+    with its own hook); with another cache it keys only the coalescing.
+
+    A semantic hit is promoted into the exact cache (``promote_semantic_hits``) only
+    through a semantic cache with the :class:`PromotingSemanticCache` capability, and
+    only into an exact cache it can reach: the copy lives no longer than the original
+    and is deleted with it (see :mod:`aiocache_llm.backends.promotion`).
     """
 
     def __init__(
@@ -229,7 +241,16 @@ class InferenceGateway(AsyncResource):
             )
 
         self._owns_exact = exact_cache is None
-        self._exact: AsyncExactCache = MemoryExactCache() if exact_cache is None else exact_cache
+        if normalize is not None and isinstance(exact_cache, (MemoryExactCache, RedisExactCache)):
+            # the cache keys queries with its own hook, and so do its get/invalidate
+            # calls made outside the gateway: a second hook here would split the keys
+            raise InvalidInputError(
+                f"normalize= cannot apply to a supplied {type(exact_cache).__name__}: the "
+                "exact cache keys queries with its own hook; pass normalize= to the cache"
+            )
+        self._exact: AsyncExactCache = (
+            MemoryExactCache(normalize=normalize) if exact_cache is None else exact_cache
+        )
         # our own caches take a digest computed once; others are keyed by the query
         self._by_signature = isinstance(self._exact, (MemoryExactCache, RedisExactCache))
         if isinstance(self._exact, (MemoryExactCache, RedisExactCache)):
@@ -243,6 +264,13 @@ class InferenceGateway(AsyncResource):
             else guard("exact cache", backend_timeout)
         )
         self._semantic = semantic_cache
+        # promotions need a semantic cache that tells its hits' lifetimes (a capability,
+        # not a class): a copy must never outlive its original
+        self._promoter: PromotingSemanticCache | None = (
+            semantic_cache
+            if self._promote and isinstance(semantic_cache, PromotingSemanticCache)
+            else None
+        )
         self._semantic_guard = guard("semantic cache", semantic_timeout)
         limiter_timeout: float | None = backend_timeout
         if rate_limit_timeout is None:
@@ -278,6 +306,7 @@ class InferenceGateway(AsyncResource):
                 guard=self._exact_guard,
                 lease_seconds=lease_seconds,
                 max_wait_seconds=fleet_max_wait,
+                codec=self._exact.codec,  # waiters decode an answer sent inline
             )
         codec = getattr(self._exact, "codec", None)
         stream_codec = codec if isinstance(codec, ValueCodec) else ValueCodec()
@@ -500,13 +529,12 @@ class InferenceGateway(AsyncResource):
     async def _fill(self, request: _Request) -> Any:
         """What one flight does: semantic lookup, then (fleet-coalesced) provider call."""
         query, digest = request.query, request.digest
-        semantic = self._semantic
-        if semantic is not None and request.read:
-            value = await self._semantic_guard.call(lambda: semantic.get(query), None)
+        if self._semantic is not None and request.read:
+            value, hit = await self._semantic_lookup(query)
             if value is not None and type(value) is not RecordedStream:
                 self._semantic_hits += 1
-                if self._promote and not request.no_store:
-                    await self._exact_put(query, digest, value, request.ttl)
+                if not request.no_store:
+                    await self._promote_hit(hit, digest, request.ttl)
                 return value
 
         async def compute() -> Any:
@@ -524,8 +552,8 @@ class InferenceGateway(AsyncResource):
         return await compute()
 
     async def _call_and_store(self, request: _Request) -> Any:
-        budget, user = self._budget, request.user
-        reserved = await budget.reserve(request.query, user) if budget is not None else 0
+        budget = self._budget
+        hold = await budget.reserve(request.query, request.user) if budget is not None else None
         self._provider_calls += 1
         try:
             value = await self._invoke(request.call)
@@ -533,10 +561,10 @@ class InferenceGateway(AsyncResource):
             if not isinstance(exc, asyncio.CancelledError):
                 self._provider_errors += 1
             if budget is not None:
-                await budget.refund(user, reserved)
+                await budget.settle(hold, 0)  # nothing was used: this call's grant goes back
             raise
         if budget is not None:
-            await budget.reconcile(user, reserved, value)
+            await budget.reconcile(hold, value)
         if not request.no_store and value is not None:
             await self._exact_put(request.query, request.digest, value, request.ttl)
             semantic = self._semantic
@@ -589,6 +617,32 @@ class InferenceGateway(AsyncResource):
     async def _plain_get(self, query: Query, digest: str) -> Any:
         value = await self._exact_get(query, digest)
         return None if type(value) is RecordedStream else value
+
+    async def _semantic_lookup(self, query: Query) -> tuple[Any, SemanticHit | None]:
+        """The semantic cache's answer (None: a miss or a failure) and, when the cache
+        can tell which entry answered and how long it has left, that hit."""
+        semantic = self._semantic
+        assert semantic is not None
+        if isinstance(semantic, PromotingSemanticCache):
+            hit = await self._semantic_guard.call(lambda: semantic.lookup(query), None)
+            return (None, None) if hit is None else (hit.value, hit)
+        return await self._semantic_guard.call(lambda: semantic.get(query), None), None
+
+    async def _promote_hit(self, hit: SemanticHit | None, digest: str, ttl: float | None) -> None:
+        """Copy a semantic hit into the exact cache under the request's own key.
+
+        The semantic cache does it (:meth:`PromotingSemanticCache.promote`): the copy
+        lives ``ttl`` (None: the exact cache's default) but never longer than the
+        original has left, and is deleted with the original. Nothing is promoted
+        without ``promote_semantic_hits``, from a semantic cache that cannot tell its
+        hits' lifetimes, or into an exact cache the original cannot reach.
+        """
+        promoter, exact = self._promoter, self._exact
+        if promoter is None or hit is None or not self._by_signature:
+            return
+        await self._semantic_guard.call(
+            lambda: promoter.promote(hit, exact, digest, ttl_seconds=ttl), None
+        )
 
     async def _exact_put(self, query: Query, digest: str, value: Any, ttl: float | None) -> None:
         exact = self._exact

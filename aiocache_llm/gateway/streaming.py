@@ -453,17 +453,15 @@ class StreamFlights:
 
     async def _fill(self, flight: StreamBroadcast, request: _StreamRequest) -> None:
         gateway = self._gateway
-        semantic = gateway._semantic
-        if semantic is not None and request.read:
-            value = await gateway._semantic_guard.call(
-                lambda: semantic.get(request.key_query), None
-            )
+        if gateway._semantic is not None and request.read:
+            value, hit = await gateway._semantic_lookup(request.key_query)
             if type(value) is RecordedStream:
                 gateway._semantic_hits += 1
                 self._count_replay(value)
                 flight.publish_all(value.chunks)
-                if gateway._promote and not request.no_store:
-                    await gateway._exact_put(request.key_query, request.digest, value, request.ttl)
+                if not request.no_store:
+                    # the same rule as a plain hit: never outlives, dies with, the original
+                    await gateway._promote_hit(hit, request.digest, request.ttl)
                 return
         if self._fleet is not None and request.read and not request.no_store:
             await self._fleet.run(
@@ -500,8 +498,8 @@ class StreamFlights:
         refuses; the broadcast is settled by the caller.
         """
         gateway = self._gateway
-        budget, user = gateway._budget, request.user
-        reserved = await budget.reserve(request.query, user) if budget is not None else 0
+        budget = gateway._budget
+        hold = await budget.reserve(request.query, request.user) if budget is not None else None
         gateway._misses += 1
         gateway._provider_calls += 1
         usage = StreamUsage()
@@ -524,7 +522,7 @@ class StreamFlights:
             if budget is not None:
                 # what was streamed was generated (and billed): charge that much
                 used = usage.tokens(request.query) if flight.published else 0
-                await budget.settle(user, reserved, used)
+                await budget.settle(hold, used)
             raise
         finally:
             if not ended:
@@ -533,7 +531,7 @@ class StreamFlights:
         if mirror is not None:
             mirror.end()
         if budget is not None:
-            await budget.settle(user, reserved, usage.tokens(request.query))
+            await budget.settle(hold, usage.tokens(request.query))
         recording = flight.recording
         if not request.no_store and recording:
             await self._store(request, RecordedStream(recording))

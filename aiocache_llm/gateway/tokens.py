@@ -3,7 +3,8 @@
 Before a provider call the gateway reserves :func:`estimate_tokens` of the query
 (override with ``estimate_tokens=``); afterwards it reads the real total from the
 answer's usage (:func:`reported_tokens`) and reconciles: more used than reserved
-is charged, less is refunded when the limiter supports refunds.
+is recorded, less is given back from this call's own reservation (see
+:class:`~aiocache_llm.gateway.budget.TokenBudget`).
 """
 
 from __future__ import annotations

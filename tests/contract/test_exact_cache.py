@@ -430,3 +430,134 @@ async def test_redis_constructor_requires_exactly_one_connection(backend: Backen
         RedisExactCache(url="redis://localhost", client=backend.redis.client)
     with pytest.raises(InvalidInputError, match="glob"):
         RedisExactCache(client=backend.redis.client, key_prefix="app*")
+
+
+# Issue 10, items 12-14: bounded caches and clear() answer alike on every backend.
+
+
+async def test_a_bounded_put_drops_expired_entries_before_evicting_a_live_one(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(max_size=2)
+    await cache.put("live, least recently used", "kept")
+    await cache.put("short-lived", "gone", ttl_seconds=0.2)
+    await backend.wait(0.35)
+    # the expired entry holds a slot: it goes, not the live one
+    await cache.put("newest", "kept too")
+    assert await cache.get("live, least recently used") == "kept"
+    assert await cache.get("newest") == "kept too"
+    stats = await cache.stats()
+    assert (stats.size, stats.evictions) == (2, 0)
+
+
+async def test_a_bounded_cache_counts_only_live_entries(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(max_size=10)
+    await cache.put("long-lived", "a")
+    await cache.put("short-lived", "b", ttl_seconds=0.2)
+    await backend.wait(0.35)
+    assert (await cache.stats()).size == 1
+
+
+async def test_clear_never_deletes_another_objects_keys_that_look_like_entries(
+    make_cache: Factory, backend: Backend
+) -> None:
+    """A chat memory on ``{prefix}:chat`` with a 59-character conversation id writes
+    ``{prefix}:chat:<59 characters>``: 64 characters after the prefix, like an entry."""
+    if backend.redis is None:
+        pytest.skip("Redis backends only")
+    from aiocache_llm import RedisChatMemory
+
+    client, prefix = backend.redis.client, backend.redis.prefix
+    memory = RedisChatMemory(client=client, key_prefix=f"{prefix}:chat")
+    conversation = "c" * 59
+    assert len(memory.key(conversation)) == len(prefix) + 1 + 64
+    await memory.append(conversation, "user", "remember me")
+    for bounded in (0, 10):
+        cache = make_cache(max_size=bounded)
+        await cache.put(QUERY, "Paris")
+        assert (await cache.stats()).size == 1  # the conversation is not an entry
+        await cache.clear()
+        assert await memory.get_history(conversation) == [
+            {"role": "user", "content": "remember me"}
+        ]
+        assert (await cache.stats()).size == 0
+    await memory.clear(conversation)
+    await memory.aclose()
+
+
+async def test_puts_racing_clear_leave_no_entry_outside_the_bound(
+    make_cache: Factory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries put while clear() runs either go or stay counted and evictable.
+
+    Another process's puts are made to land at the worst moments: while clear()
+    scans (after its first key) and once its scan is over.
+    """
+    if backend.redis is None:
+        pytest.skip("Redis backends only: a memory clear() never yields")
+    client, prefix = backend.redis.client, backend.redis.prefix
+    cache = make_cache(max_size=50)
+    writer = make_cache(max_size=50)  # another process on the same keys
+    for i in range(50):
+        await cache.put(f"before {i}", i)
+    scan_iter = client.scan_iter
+    written = 0
+
+    async def put_some() -> None:
+        nonlocal written
+        for _ in range(5):
+            await writer.put(f"during {written}", written)
+            written += 1
+
+    async def racing_scan(*args: Any, **kwargs: Any) -> Any:
+        first = True
+        async for key in scan_iter(*args, **kwargs):
+            yield key
+            if first:
+                first = False
+                await put_some()
+        await put_some()
+
+    monkeypatch.setattr(client, "scan_iter", racing_scan)
+    await cache.clear()
+    monkeypatch.undo()
+    assert written >= 5
+    for i in range(60):
+        await cache.put(f"after {i}", i)
+    stored = [
+        key
+        async for key in client.scan_iter(match=f"{prefix}:*")
+        if len(key) == len(prefix) + 1 + 64 and b":lru" not in key
+    ]
+    assert (await cache.stats()).size == len(stored) == 50
+
+
+@pytest.mark.parametrize("kind", ["string", "list", "hash", "set"])
+async def test_an_expiry_index_of_another_type_never_fails_a_call(
+    make_cache: Factory, backend: Backend, kind: str
+) -> None:
+    if backend.redis is None:
+        pytest.skip("Redis backends only")
+    client, prefix = backend.redis.client, backend.redis.prefix
+    cache = make_cache(max_size=4)
+    await cache.put(QUERY, "Paris", ttl_seconds=60)
+    key = f"{prefix}:lru:exp"
+    await client.unlink(key)
+    writes = {
+        "string": lambda: client.set(key, b"garbage"),
+        "list": lambda: client.rpush(key, b"x"),
+        "hash": lambda: client.hset(key, "f", "v"),
+        "set": lambda: client.sadd(key, b"x"),
+    }
+    await writes[kind]()
+    assert await cache.get(QUERY) == "Paris"
+    assert await cache.invalidate(OTHER) is False
+    await cache.put(OTHER, "Madrid", ttl_seconds=60)  # replaces the foreign key
+    assert (await client.type(key)).decode() == "zset"
+    for i in range(6):
+        await cache.put(f"question {i}", i)
+    assert (await cache.stats()).size == 4
+    await cache.clear()
+    assert [k async for k in client.scan_iter(match=f"{prefix}*")] == []

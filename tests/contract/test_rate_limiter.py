@@ -34,6 +34,7 @@ from aiocache_llm import (
     RedisRateLimiter,
 )
 from aiocache_llm.backends.rate_limits import FailureMode
+from aiocache_llm.protocols import Reservation
 from tests.conftest import REDIS_URL, Backend, FakeClock
 
 pytestmark = pytest.mark.timeout(30)
@@ -568,6 +569,254 @@ async def test_aclose_fails_waiting_acquires(make_limiter: Factory, timing: Timi
     assert now() - closed_at < timing.window / 5  # woken by aclose, not by its timer
 
 
+# Reservations, recorded usage, exact large counts (issue 10)
+
+
+def waits(backend: Backend) -> float:
+    """A window for tests moving time with ``backend.wait``: long in fake time, short in real."""
+    return 10.0 if backend.is_memory else 0.6
+
+
+async def test_a_refund_of_the_newest_grant_keeps_every_user_answerable(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    # the memory limiter kept users in the order of their newest grant and took it for
+    # expiry order: a refund removing alice's newest grant, then her older one expiring
+    # behind bob, made every later call of every user raise IndexError
+    w = waits(backend)
+    limiter: Any = make_limiter(10, w)
+    assert await limiter.check_and_consume("alice", 2)
+    await backend.wait(0.4 * w)
+    assert await limiter.check_and_consume("bob", 1)
+    await backend.wait(0.1 * w)
+    assert await limiter.check_and_consume("alice", 3)
+    assert await limiter.refund("alice", 3) == 3  # a failed call: its whole grant back
+    await backend.wait(0.6 * w)  # alice's first grant has expired, bob's has not
+    assert await limiter.get_remaining("alice") == 10
+    assert await limiter.get_remaining("bob") == 9
+    await backend.wait(0.4 * w)  # bob's has expired too
+    for user in ("alice", "bob", "carol"):
+        assert await limiter.get_remaining(user) == 10
+    assert await limiter.check_and_consume("carol", 10)
+    assert not await limiter.check_and_consume("carol", 1)
+
+
+async def test_releasing_the_newest_reservation_keeps_every_user_answerable(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    w = waits(backend)
+    limiter: Any = make_limiter(10, w)
+    await limiter.reserve("alice", 2)
+    await backend.wait(0.4 * w)
+    await limiter.reserve("bob", 1)
+    await backend.wait(0.1 * w)
+    newest = await limiter.reserve("alice", 3)
+    assert await limiter.release(newest) == 3
+    await backend.wait(0.6 * w)
+    assert await limiter.get_remaining("alice") == 10
+    await backend.wait(0.4 * w)
+    for user in ("alice", "bob", "carol"):
+        assert await limiter.get_remaining(user) == 10
+    assert await limiter.check_and_consume("carol", 10)
+    assert not await limiter.check_and_consume("carol", 1)
+
+
+async def test_release_gives_back_only_its_own_reservation(limiter: AsyncRateLimiter) -> None:
+    reserving: Any = limiter
+    first = await reserving.reserve(USER, 4)
+    second = await reserving.reserve(USER, 5)
+    assert (first.user_id, first.tokens) == (USER, 4)
+    assert await reserving.release(first, 3) == 3  # the older call's grant, not the newest
+    assert await limiter.get_remaining(USER) == 4
+    assert await reserving.release(first) == 1  # None: all it still holds
+    assert await reserving.release(first, 5) == 0  # never more than it was granted
+    await reserving.record_usage(USER, 3)
+    assert await reserving.release(second, 100) == 5  # never the recorded usage
+    assert await limiter.get_remaining(USER) == 7
+    stats = await limiter.stats()
+    assert (stats.granted, stats.granted_tokens, stats.refunded_tokens) == (2, 9, 9)
+    assert stats.recorded_tokens == 3
+
+
+async def test_a_reservation_that_left_the_window_gives_nothing_back(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    # a provider slower than the window: the call's grant has expired (its tokens are
+    # free already); giving back from the user's newest grant would wipe a live call's
+    w = waits(backend)
+    limiter: Any = make_limiter(10, w)
+    slow = await limiter.reserve(USER, 6)
+    await backend.wait(1.2 * w)
+    live = await limiter.reserve(USER, 6)
+    assert await limiter.release(slow, 5) == 0
+    assert await limiter.get_remaining(USER) == 4
+    assert not await limiter.check_and_consume(USER, 5)
+    assert await limiter.release(live, 2) == 2
+    assert await limiter.get_remaining(USER) == 6
+
+
+async def test_a_reservation_made_before_a_reset_gives_nothing_back(
+    limiter: AsyncRateLimiter,
+) -> None:
+    reserving: Any = limiter
+    before = await reserving.reserve(USER, 6)
+    await limiter.reset(USER)
+    after = await reserving.reserve(USER, 7)
+    assert await reserving.release(before) == 0
+    assert await limiter.get_remaining(USER) == 3
+    assert await reserving.release(after) == 7
+    assert await limiter.get_remaining(USER) == 10
+
+
+async def test_reserve_without_waiting_says_when_the_tokens_fit(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    w = waits(backend)
+    limiter: Any = make_limiter(10, w)
+    assert await limiter.check_and_consume(USER, 8)
+    with pytest.raises(RateLimitExceeded, match="now") as caught:
+        await limiter.reserve(USER, 5, timeout=0)
+    retry_after = caught.value.retry_after
+    assert retry_after is not None
+    assert w - 0.25 <= retry_after <= w
+    assert caught.value.user_id == USER
+    with pytest.raises(RateLimitExceeded, match="never") as caught:
+        await limiter.reserve(USER, 11, timeout=0)  # more than the whole budget
+    assert caught.value.retry_after is None
+    reservation = await limiter.reserve(USER, 2, timeout=0)
+    assert reservation.tokens == 2
+    assert await limiter.get_remaining(USER) == 0
+    stats = await limiter.stats()
+    assert (stats.granted, stats.granted_tokens, stats.refused) == (2, 10, 2)
+
+
+async def test_reserve_waits_like_acquire(make_limiter: Factory, timing: Timing) -> None:
+    limiter: Any = make_limiter(10, timing.window, loop_clock=True)
+    start = now()
+    assert await limiter.check_and_consume(USER, 8)
+    reservation = await limiter.reserve(USER, 5, timeout=timing.window * 2)
+    waited = now() - start
+    assert timing.window - 0.005 <= waited <= timing.window + timing.late
+    assert await limiter.release(reservation, 5) == 5
+    assert await limiter.get_remaining(USER) == 10
+
+
+async def test_recorded_usage_is_a_debt_the_next_requests_wait_out(
+    make_limiter: Factory, timing: Timing
+) -> None:
+    w = timing.window
+    limiter: Any = make_limiter(10, w, loop_clock=True)
+    start = now()
+    assert await limiter.check_and_consume(USER, 4)
+    await asyncio.sleep(w / 2)
+    await limiter.record_usage(USER, 25)  # far past the budget: recorded all the same
+    assert await limiter.get_remaining(USER) == 0
+    assert not await limiter.check_and_consume(USER, 1)
+    # the debt is waited out: one window after it was recorded, not after the first grant
+    await limiter.acquire(USER, 1)
+    waited = now() - start
+    assert 1.5 * w - 0.005 <= waited <= 1.5 * w + timing.late
+    assert await limiter.get_remaining(USER) == 9
+    stats = await limiter.stats()
+    assert (stats.granted_tokens, stats.recorded_tokens) == (5, 25)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "error"),
+    [(0, InvalidInputError), (-3, InvalidInputError), (2**53, InvalidInputError),
+     (2.0, InvalidInputTypeError), (True, InvalidInputTypeError), (None, InvalidInputTypeError)],
+    ids=["zero", "negative", "2**53", "float", "bool", "none"],
+)  # fmt: skip
+async def test_bad_reservation_arguments_raise_and_change_nothing(
+    limiter: AsyncRateLimiter, tokens: Any, error: type[Exception]
+) -> None:
+    reserving: Any = limiter
+    reservation = await reserving.reserve(USER, 4)
+    with pytest.raises(error, match="tokens"):
+        await reserving.reserve(USER, tokens)
+    with pytest.raises(error, match="tokens"):
+        await reserving.record_usage(USER, tokens)
+    if tokens is not None:
+        with pytest.raises(error, match="tokens"):
+            await reserving.release(reservation, tokens)
+    with pytest.raises(InvalidInputError, match="user_id"):
+        await reserving.record_usage("", 1)
+    with pytest.raises(InvalidInputTypeError, match="reservation"):
+        await reserving.release(USER, 1)
+    with pytest.raises(InvalidInputError, match="not made by"):
+        await reserving.release(Reservation(USER, 4, handle=object()), 1)
+    for timeout in (-1, math.nan, math.inf, "1", True):
+        with pytest.raises((InvalidInputError, InvalidInputTypeError), match="timeout"):
+            await reserving.reserve(USER, 1, timeout=timeout)
+    assert await limiter.get_remaining(USER) == 6
+    stats = await limiter.stats()
+    assert (stats.granted, stats.refused, stats.recorded_tokens) == (1, 0, 0)
+
+
+async def test_a_reservation_of_another_kind_of_limiter_is_refused(clock: FakeClock) -> None:
+    memory = MemoryRateLimiter(RateLimitConfig(10), clock=clock)
+    redis = RedisRateLimiter(url=DEAD_URL, config=RateLimitConfig(10), failure_mode="raise")
+    async with memory, redis:
+        from_memory = await memory.reserve(USER, 3)
+        with pytest.raises(InvalidInputError, match="not made by a RedisRateLimiter"):
+            await redis.release(from_memory)
+        # granted while a server could not answer (fail-open): nothing to give back, no I/O
+        assert await memory.release(Reservation(USER, 3)) == 0
+        assert await redis.release(Reservation(USER, 3)) == 0
+        assert (await redis.stats()).backend_errors == 0
+
+
+async def test_grants_of_a_quadrillion_tokens_expire_and_refund_exactly(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    # Lua wrote 10**15 as 1e+15 in the grant log: it then counted as 0 on expiry and refund
+    w = waits(backend)
+    budget = 3 * 10**15 + 7
+    limiter: Any = make_limiter(budget, w)
+    assert await limiter.check_and_consume(USER, 10**15)
+    assert await limiter.check_and_consume(USER, 2 * 10**15)
+    assert await limiter.get_remaining(USER) == 7
+    assert await limiter.refund(USER, 10**15 + 1) == 10**15 + 1
+    assert await limiter.get_remaining(USER) == 10**15 + 8
+    await backend.wait(1.25 * w)
+    assert await limiter.get_remaining(USER) == budget
+    assert await limiter.check_and_consume(USER, budget)
+    assert await limiter.refund(USER, budget) == budget
+    assert await limiter.get_remaining(USER) == budget
+
+
+async def test_token_counts_are_exact_up_to_2_to_the_53_and_refused_beyond(
+    make_limiter: Factory, backend: Backend
+) -> None:
+    top = 2**53 - 1  # the largest integer a Redis Lua number holds exactly
+    with pytest.raises(InvalidInputError, match="max_tokens_per_minute must be at most"):
+        make_limiter(2**53)
+    limiter: Any = make_limiter(top)
+    assert await limiter.check_and_consume(USER, top)
+    assert await limiter.get_remaining(USER) == 0
+    assert await limiter.refund(USER, top - 1) == top - 1
+    assert await limiter.get_remaining(USER) == top - 1
+    reservation = await limiter.reserve(USER, top - 1)
+    assert await limiter.release(reservation, top - 2) == top - 2
+    assert await limiter.get_remaining(USER) == top - 2
+    await limiter.reset(USER)
+    await limiter.record_usage(USER, top)
+    await limiter.record_usage(USER, top)  # the user's total saturates at 2**53 - 1
+    assert await limiter.get_remaining(USER) == 0
+    assert (await limiter.stats()).recorded_tokens == 2 * top
+    calls = [
+        lambda: limiter.check_and_consume(USER, top + 1),
+        lambda: limiter.acquire(USER, top + 1),
+        lambda: limiter.reserve(USER, top + 1, timeout=0),
+        lambda: limiter.refund(USER, top + 1),
+        lambda: limiter.record_usage(USER, top + 1),
+        lambda: limiter.release(reservation, top + 1),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidInputError, match=f"tokens must be at most {top}"):
+            await call()
+
+
 # Memory only: idle state and the exact model
 
 
@@ -627,6 +876,86 @@ async def test_memory_matches_a_brute_force_sliding_window(script: list[Step]) -
     for grants in granted.values():
         for at, _ in grants:
             assert sum(n for g, n in grants if at - window < g <= at) <= budget
+
+
+ReservationStep = tuple[str, int, int]  # (operation, user, amount)
+
+reservation_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.just(0), st.sampled_from([0, 1, 16, 100, 639, 640, 641])),
+        st.tuples(st.just("reserve"), st.integers(0, 2), st.integers(1, 12)),
+        st.tuples(st.just("release"), st.integers(0, 7), st.integers(0, 12)),  # 0: all
+        st.tuples(st.just("refund"), st.integers(0, 2), st.integers(1, 12)),
+        st.tuples(st.just("record"), st.integers(0, 2), st.integers(1, 30)),
+        st.tuples(st.just("remaining"), st.integers(0, 2), st.just(0)),
+        st.tuples(st.just("reset"), st.integers(0, 2), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reservation_steps)
+async def test_memory_reservations_match_a_brute_force_sliding_window(
+    script: list[ReservationStep],
+) -> None:
+    """Reservations, releases, refunds of the newest grants, debts and resets of three
+    users, against a model that keeps every grant: the limiter never raises and answers
+    as the model does."""
+    budget, window = 10, Fraction(10)
+    clock = FakeClock(start=0.0)
+    limiter = MemoryRateLimiter(RateLimitConfig(budget, float(window)), clock=clock)
+    t = Fraction(0)
+    # per user: [time, tokens] of every grant since the last reset, oldest first
+    grants: dict[int, list[list[Any]]] = {0: [], 1: [], 2: []}
+    handles: list[tuple[Any, int, list[Any]]] = []  # (reservation, user, its model grant)
+
+    def live(user: int) -> list[list[Any]]:
+        return [g for g in grants[user] if g[0] > t - window]
+
+    for operation, user, amount in script:
+        if operation == "advance":
+            t += Fraction(amount, 64)
+            clock.now = float(t)
+        elif operation == "reserve":
+            used = sum(n for _, n in live(user))
+            if used + amount <= budget:
+                reservation = await limiter.reserve(f"u{user}", amount, timeout=0)
+                grants[user].append(entry := [t, amount])
+                handles.append((reservation, user, entry))
+            else:
+                with pytest.raises(RateLimitExceeded):
+                    await limiter.reserve(f"u{user}", amount, timeout=0)
+        elif operation == "release":
+            if not handles:
+                continue
+            reservation, owner, entry = handles[user % len(handles)]
+            alive = any(g is entry for g in live(owner))
+            expected = min(amount or entry[1], entry[1]) if alive else 0
+            assert await limiter.release(reservation, amount or None) == expected
+            entry[1] -= expected
+        elif operation == "refund":
+            expected, left = 0, amount
+            for entry in reversed(live(user)):
+                taken = min(left, entry[1])
+                entry[1] -= taken
+                left -= taken
+                expected += taken
+            assert await limiter.refund(f"u{user}", amount) == expected
+        elif operation == "record":
+            await limiter.record_usage(f"u{user}", amount)
+            grants[user].append([t, amount])
+        elif operation == "remaining":
+            used = sum(n for _, n in live(user))
+            assert await limiter.get_remaining(f"u{user}") == max(0, budget - used)
+        else:
+            await limiter.reset(f"u{user}")
+            for entry in grants[user]:
+                entry[1] = 0  # what a reservation made before the reset can give back
+            grants[user] = []
+    for user in grants:
+        used = sum(n for _, n in live(user))
+        assert await limiter.get_remaining(f"u{user}") == max(0, budget - used)
 
 
 # Redis only: layout on the server, sharing, failures
@@ -744,6 +1073,128 @@ async def test_log_members_that_are_not_grants_count_for_nothing(
     assert await backend.redis.client.zcard(log) == 0
     assert await redis_limiter.get_remaining(USER) == 10
     assert (await redis_limiter.stats()).backend_errors == 0
+
+
+async def test_limiters_with_different_windows_on_one_prefix_each_keep_their_guarantee(
+    backend: Backend,
+) -> None:
+    """A rolling deploy changing window_seconds: the short window used to purge the
+    shared log, and the long one then granted its budget again and again."""
+    if backend.redis is None:
+        pytest.skip("Redis backends only")
+    client, prefix = backend.redis.client, backend.redis.prefix
+
+    def make(window: float) -> RedisRateLimiter:
+        config = RateLimitConfig(10, window)
+        return RedisRateLimiter(client=client, key_prefix=prefix, config=config, **STRICT)
+
+    long, short = make(1.5), make(0.3)
+    async with long, short:
+        assert await long.check_and_consume(USER, 10)
+        await asyncio.sleep(0.4)
+        # the short window no longer counts the long one's grant...
+        assert await short.get_remaining(USER) == 10
+        # ...but never drops it: the long window still holds it
+        assert not await long.check_and_consume(USER, 1)
+        assert await long.get_remaining(USER) == 0
+        assert await short.check_and_consume(USER, 10)
+        assert not await short.check_and_consume(USER, 1)
+        assert not await long.check_and_consume(USER, 1)
+        log, _ = long.keys(USER)
+        assert await client.pttl(log) > 700  # kept for the long window, not the short one
+        await asyncio.sleep(0.4)
+        assert await short.check_and_consume(USER, 4)  # its own window slid
+        assert not await long.check_and_consume(USER, 1)
+        assert await client.zcard(log) == 3
+        # the long limiter's last grant is 1.5 s old: the log serves the short window alone
+        await asyncio.sleep(1.2)
+        assert await short.get_remaining(USER) == 10
+        assert await client.zcard(log) == 0
+        assert await long.get_remaining(USER) == 10
+
+
+twin_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("reserve"), st.integers(0, 1), st.integers(1, 12)),
+        st.tuples(st.just("check"), st.integers(0, 1), st.integers(1, 12)),
+        st.tuples(st.just("release"), st.integers(0, 7), st.integers(0, 12)),  # 0: all
+        st.tuples(st.just("refund"), st.integers(0, 1), st.integers(1, 12)),
+        st.tuples(st.just("record"), st.integers(0, 1), st.integers(1, 30)),
+        st.tuples(st.just("remaining"), st.integers(0, 1), st.just(0)),
+        st.tuples(st.just("reset"), st.integers(0, 1), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(twin_steps)
+async def test_the_redis_twin_answers_like_the_memory_twin(
+    script: list[ReservationStep],
+) -> None:
+    """The same calls within one window, on memory and on fakeredis: the same answers."""
+    config = RateLimitConfig(10)
+    memory = MemoryRateLimiter(config, clock=FakeClock())
+    client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    redis = RedisRateLimiter(client=client, config=config, key_prefix="twin", **STRICT)
+    twins: list[Any] = [memory, redis]
+    held: list[list[Any]] = []
+    try:
+        for operation, user, amount in script:
+            answers = []
+            for index, twin in enumerate(twins):
+                name = f"u{user}"
+                if operation == "reserve":
+                    try:
+                        reservation = await twin.reserve(name, amount, timeout=0)
+                    except RateLimitExceeded:
+                        answers.append("refused")
+                        continue
+                    if index == 0:
+                        held.append([reservation])
+                    else:
+                        held[-1].append(reservation)
+                    answers.append("granted")
+                elif operation == "check":
+                    answers.append(await twin.check_and_consume(name, amount))
+                elif operation == "release":
+                    pair = held[user % len(held)] if held else None
+                    answers.append(pair and await twin.release(pair[index], amount or None))
+                elif operation == "refund":
+                    answers.append(await twin.refund(name, amount))
+                elif operation == "record":
+                    answers.append(await twin.record_usage(name, amount))
+                elif operation == "remaining":
+                    answers.append(await twin.get_remaining(name))
+                else:
+                    answers.append(await twin.reset(name))
+            assert answers[0] == answers[1], (operation, user, amount)
+        for user in ("u0", "u1"):
+            assert await memory.get_remaining(user) == await redis.get_remaining(user)
+        stats = [await twin.stats() for twin in twins]
+        assert stats[0] == stats[1]
+    finally:
+        await memory.aclose()
+        await redis.aclose()
+        await client.aclose()
+
+
+async def test_a_release_finds_its_grant_among_others_of_the_same_microsecond(
+    redis_limiter: RedisRateLimiter, backend: Backend
+) -> None:
+    assert backend.redis is not None
+    first, second = await asyncio.gather(
+        redis_limiter.reserve(USER, 3), redis_limiter.reserve(USER, 4)
+    )
+    log, _ = redis_limiter.keys(USER)
+    members = sorted(await backend.redis.client.zrange(log, 0, -1))
+    assert len(members) == 2
+    assert all(member.count(b":") == 2 for member in members)  # <us>:<seq>:<tokens>
+    assert await redis_limiter.release(second, 1) == 1
+    assert await redis_limiter.release(first) == 3
+    assert await redis_limiter.get_remaining(USER) == 7
+    assert await redis_limiter.release(second) == 3
+    assert await backend.redis.client.zcard(log) == 0
 
 
 # Redis only: what the limiter answers when Redis cannot (failure_mode)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakeredis import FakeAsyncRedis, FakeServer
 from pydantic import BaseModel
 
 from aiocache_llm import (
@@ -22,11 +23,14 @@ from aiocache_llm import (
     InvalidInputError,
     InvalidInputTypeError,
     LLMResponse,
+    MemoryExactCache,
     MemorySemanticCache,
+    RedisExactCache,
     RedisSemanticCache,
     Usage,
 )
 from aiocache_llm.backends import vectors
+from aiocache_llm.backends.promotion import PromotingSemanticCache
 from aiocache_llm.embedders import HashingEmbedder
 from tests.conftest import Backend
 
@@ -618,6 +622,154 @@ async def test_closed_cache_refuses_calls(make_cache: Factory) -> None:
         await cache.put(ask("capital of france"), "Paris")
 
 
+async def test_a_bounded_put_drops_expired_entries_of_any_scope_before_evicting_a_live_one(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9, max_size=2)
+    await cache.put(ask("capital of france", model="a"), "kept")
+    await cache.put(ask("other axis", model="b"), "gone", ttl_seconds=0.2)
+    await backend.wait(0.35)
+    # the expired entry, of another scope, holds a slot: it goes, not the live one
+    await cache.put(ask("sim 0", model="c"), "kept too")
+    assert await cache.get(ask("capital of france", model="a")) == "kept"
+    assert await cache.get(ask("sim 0", model="c")) == "kept too"
+    stats = await cache.stats()
+    assert (stats.size, stats.evictions) == (2, 0)
+
+
+async def test_a_bounded_cache_counts_only_live_entries(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9, max_size=10)
+    await cache.put(ask("capital of france"), "long-lived")
+    await cache.put(ask("other axis", model="b"), "short-lived", ttl_seconds=0.2)
+    await backend.wait(0.35)
+    assert (await cache.stats()).size == 1
+
+
+# Promotions: a semantic hit copied into an exact cache lives and dies with its entry.
+
+
+@pytest.fixture
+def make_exact(backend: Backend) -> Callable[..., Any]:
+    """An exact cache in the same place as the semantic caches of ``make_cache``."""
+
+    def make(**kwargs: Any) -> Any:
+        if backend.redis is None:
+            return MemoryExactCache(clock=backend.clock, **kwargs)
+        return RedisExactCache(
+            client=backend.redis.client, key_prefix=f"{backend.redis.prefix}:exact", **kwargs
+        )
+
+    return make
+
+
+async def test_lookup_tells_the_entry_and_its_remaining_lifetime(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9)
+    assert isinstance(cache, PromotingSemanticCache)
+    assert await cache.lookup(ask("sim 0.96")) is None
+    await cache.put(ask("capital of france"), "Paris", ttl_seconds=10)
+    await cache.put(ask("other axis"), "forever")
+    await backend.wait(0.25)
+    for text in ("sim 0.96", "capital of france"):  # a search, then an exact repeat
+        hit = await cache.lookup(ask(text))
+        assert hit is not None
+        assert hit.value == "Paris"
+        assert hit.ttl_seconds is not None
+        assert 9.0 < hit.ttl_seconds <= 9.75 + 0.01
+    lasting = await cache.lookup(ask("near other axis"))
+    assert lasting is not None
+    assert (lasting.value, lasting.ttl_seconds) == ("forever", None)
+    assert lasting.entry != hit.entry
+    assert (await cache.stats()).hits == 3
+
+
+async def test_a_promotion_expires_with_its_entry(
+    make_cache: Factory, make_exact: Callable[..., Any], backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9)
+    exact = make_exact(ttl_seconds=100)
+    await cache.put(ask("capital of france"), "Paris", ttl_seconds=0.3)
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    digest = exact.signature(ask("sim 0.96"))
+    assert await cache.promote(hit, exact, digest) is True
+    assert await exact.get(ask("sim 0.96")) == "Paris"
+    await backend.wait(0.45)
+    assert await exact.get(ask("sim 0.96")) is None
+    # an expired hit is not promoted at all
+    await backend.wait(0.1)
+    assert await cache.promote(hit, exact, digest) is False
+    assert await exact.get(ask("sim 0.96")) is None
+    await exact.aclose()
+
+
+async def test_a_promotion_keeps_a_shorter_lifetime_asked_for(
+    make_cache: Factory, make_exact: Callable[..., Any], backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9)
+    exact = make_exact(ttl_seconds=0.2)
+    await cache.put(ask("capital of france"), "Paris")
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    assert await cache.promote(hit, exact, exact.signature(ask("sim 0.96"))) is True
+    await backend.wait(0.35)
+    assert await exact.get(ask("sim 0.96")) is None  # the exact cache's default lifetime
+    assert await cache.get(ask("capital of france")) == "Paris"
+    await exact.aclose()
+
+
+@pytest.mark.parametrize("removal", ["invalidate", "replace", "clear", "evict"])
+async def test_a_promotion_dies_with_its_entry(
+    make_cache: Factory, make_exact: Callable[..., Any], removal: str
+) -> None:
+    cache = make_cache(similarity_threshold=0.9, max_size=2)
+    exact = make_exact(max_size=10)
+    await cache.put(ask("capital of france"), "Paris")
+    await cache.put(ask("other axis"), "elsewhere")
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    assert await cache.promote(hit, exact, exact.signature(ask("sim 0.96"))) is True
+    assert await exact.get(ask("sim 0.96")) == "Paris"
+    if removal == "invalidate":
+        assert await cache.invalidate(ask("capital of france")) is True
+    elif removal == "replace":
+        await cache.put(ask("capital of france"), "Paris, France")
+    elif removal == "clear":
+        await cache.clear()
+    else:
+        await cache.get(ask("near other axis"))  # "capital of france" is now the LRU
+        await cache.put(ask("sim 0"), "third")
+    assert await exact.get(ask("sim 0.96")) is None
+    assert (await exact.stats()).size == 0
+    await exact.aclose()
+
+
+async def test_promotion_into_an_exact_cache_elsewhere_stores_nothing(
+    make_cache: Factory, backend: Backend
+) -> None:
+    cache = make_cache(similarity_threshold=0.9)
+    await cache.put(ask("capital of france"), "Paris")
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    elsewhere: list[Any] = [None, "not a cache"]
+    if backend.redis is None:
+        elsewhere.append(
+            RedisExactCache(client=FakeAsyncRedis(server=FakeServer()), key_prefix="x")
+        )
+    else:
+        elsewhere.append(MemoryExactCache())
+        other_server = FakeAsyncRedis(server=FakeServer())
+        elsewhere.append(RedisExactCache(client=other_server, key_prefix="x"))
+    for exact in elsewhere:
+        assert await cache.promote(hit, exact, "d" * 64) is False
+        if isinstance(exact, (MemoryExactCache, RedisExactCache)):
+            assert (await exact.stats()).size == 0
+            await exact.aclose()
+
+
 # Redis only: several processes, and what other writers may leave under our keys.
 
 
@@ -924,3 +1076,43 @@ async def test_redis_constructor_requires_exactly_one_connection(redis_backend: 
         RedisSemanticCache(TableEmbedder())
     with pytest.raises(InvalidInputError, match="glob"):
         RedisSemanticCache(TableEmbedder(), client=redis_backend.redis.client, key_prefix="a*")
+
+
+async def test_clear_leaves_other_objects_keys_under_the_scope_prefix_alone(
+    make_cache: Factory, redis_backend: Backend
+) -> None:
+    """``{prefix}:s:<64 hex>:*`` is ours only for the suffixes the cache writes."""
+    assert redis_backend.redis is not None
+    client, prefix = redis_backend.redis.client, redis_backend.redis.prefix
+    cache = make_cache(similarity_threshold=0.9, max_size=10)
+    await cache.put(ask("capital of france"), "Paris")
+    foreign = f"{prefix}:s:{'a' * 64}:{'b' * 64}"  # e.g. an exact cache nested there
+    await client.set(foreign, b"keep")
+    assert (await cache.stats()).size == 1
+    await cache.clear()
+    assert await client.get(foreign) == b"keep"
+    assert [k async for k in client.scan_iter(match=f"{prefix}:*")] == [foreign.encode()]
+    await client.unlink(foreign)
+
+
+async def test_a_promotion_dies_when_another_process_invalidates_its_entry(
+    make_cache: Factory, make_exact: Callable[..., Any], redis_backend: Backend
+) -> None:
+    promoter, other = make_cache(similarity_threshold=0.9), make_cache(similarity_threshold=0.9)
+    exact = make_exact(max_size=10, ttl_seconds=60)
+    await promoter.put(ask("capital of france"), "Paris", ttl_seconds=30)
+    hit = await promoter.lookup(ask("sim 0.96"))
+    assert hit is not None
+    digest = exact.signature(ask("sim 0.96"))
+    assert await promoter.promote(hit, exact, digest) is True
+    assert redis_backend.redis is not None
+    client = redis_backend.redis.client
+    # trimmed to what the entry had left, in the key and in the exact cache's expiry index
+    promoted_key = f"{redis_backend.redis.prefix}:exact:{digest}"
+    assert 0 < await client.pttl(promoted_key) <= 30_000
+    assert await client.zscore(f"{redis_backend.redis.prefix}:exact:lru:exp", promoted_key)
+    assert await other.invalidate(ask("capital of france")) is True
+    assert await exact.get(ask("sim 0.96")) is None
+    assert (await exact.stats()).size == 0
+    assert [k async for k in client.scan_iter(match=f"{redis_backend.redis.prefix}:s:*:pr:*")] == []
+    await exact.aclose()

@@ -75,6 +75,11 @@ class MemoryExactCache(AsyncResource):
         """The codec this cache stores values with (it knows the declared ``value_types``)."""
         return self._codec
 
+    @property
+    def ttl_seconds(self) -> float | None:
+        """The lifetime of an entry put without ``ttl_seconds`` (None = never expires)."""
+        return self._ttl
+
     def signature(self, query: Query) -> str:
         """Return the digest this cache files ``query`` under (its ``normalize`` applied)."""
         return self._keys.digest(query)
@@ -140,7 +145,12 @@ class MemoryExactCache(AsyncResource):
     async def invalidate(self, query: Query) -> bool:
         """Remove the entry of ``query``; return whether a live one was there."""
         self._check_open()
-        entry = self._entries.pop(self._keys.digest(query), None)
+        return await self.invalidate_by_signature(self._keys.digest(query))
+
+    async def invalidate_by_signature(self, digest: str) -> bool:
+        """:meth:`invalidate` for a digest already computed with :meth:`signature`."""
+        self._check_open()
+        entry = self._entries.pop(digest, None)
         return entry is not None and (entry[1] == _NEVER or entry[1] > self._clock())
 
     async def clear(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import time
@@ -12,9 +13,12 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel
 
 from aiocache_llm.backends.ann import AnnSetting, resolve_ann
+from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
+from aiocache_llm.backends.promotion import SemanticHit, promotion_ttl
 from aiocache_llm.backends.vectors import EmbeddingAdapter, EmbedFn, VectorIndex
 from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
+from aiocache_llm.core.errors import ClosedResourceError
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
@@ -62,6 +66,9 @@ class MemorySemanticCache(AsyncResource):
     an expired entry is never returned and never hides a live one. Values are held
     encoded (data only), so every hit returns a fresh copy of a mutable value.
 
+    Promotions (:meth:`promote`, see :mod:`aiocache_llm.backends.promotion`) go into
+    a :class:`MemoryExactCache` only, and are deleted whenever their entry is removed.
+
     Cost: a lookup is one embedding plus one float32 ``matrix @ q`` over the scope's
     rows (O(n*d), exact); from ``n*d >= 2**22`` floats on, that product runs in a
     worker thread and the row it picks is re-checked on the loop. A put is the
@@ -106,6 +113,10 @@ class MemorySemanticCache(AsyncResource):
         self._scopes: dict[str, VectorIndex] = {}  # scope digest -> its vectors, never empty
         # (expiry, digest) of every entry written with a TTL; may hold stale pairs
         self._expiries: list[tuple[float, str]] = []
+        # entry digest -> the exact-cache entries promoted from it
+        self._promotions: dict[str, set[tuple[MemoryExactCache, str]]] = {}
+        # promotions of entries removed since, deleted at the end of the public call
+        self._dropped: list[tuple[MemoryExactCache, str]] = []
         self._hits = 0
         self._misses = 0
         self._evictions = 0
@@ -128,6 +139,17 @@ class MemorySemanticCache(AsyncResource):
         scope otherwise. Raises
         :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad query,
         threshold or embedding, before anything changes.
+        """
+        hit = await self.lookup(query, similarity_threshold=similarity_threshold)
+        return None if hit is None else hit.value
+
+    async def lookup(
+        self, query: Query, *, similarity_threshold: float | None = None
+    ) -> SemanticHit | None:
+        """:meth:`get`, also telling which entry answered and its remaining lifetime.
+
+        The lifetime is the entry's expiry less the clock's time at the hit. Same
+        cost and errors as :meth:`get`.
         """
         self._check_open()
         threshold = self._threshold
@@ -177,6 +199,8 @@ class MemorySemanticCache(AsyncResource):
         if index is None:
             index = self._scopes[scope] = VectorIndex(vector.shape[0], ann=self._ann)
         index.upsert(digest, vector, expires_at)
+        # the promotions of the value being replaced copy that value: they go
+        self._drop_promotions_of(digest)
         self._entries[digest] = _Entry(scope, data, expires_at)
         self._entries.move_to_end(digest)
         self._purge_expired(now)
@@ -184,26 +208,64 @@ class MemorySemanticCache(AsyncResource):
             while len(self._entries) > self._max_size:
                 self._remove(next(iter(self._entries)))
                 self._evictions += 1
+        await self._delete_dropped()
+
+    async def promote(
+        self,
+        hit: SemanticHit,
+        exact_cache: object,
+        digest: str,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> bool:
+        """Store ``hit.value`` in ``exact_cache`` under ``digest``, tied to ``hit``'s entry.
+
+        The promotion lives ``ttl_seconds`` (None: the exact cache's default), never
+        longer than the entry has left, and is deleted whenever the entry is removed
+        (invalidated, replaced, purged, evicted or cleared). ``exact_cache`` must be
+        a :class:`MemoryExactCache`; for any other cache, or an entry that is gone,
+        nothing is stored and False is returned. Never yields to the event loop, so
+        the entry cannot go between the check and the put. Raises what the exact
+        cache's put raises (:class:`ValueTooLargeError`, ...).
+        """
+        self._check_open()
+        ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        entry = self._entries.get(hit.entry)
+        now = self._clock()
+        if not isinstance(exact_cache, MemoryExactCache) or entry is None:
+            return False
+        remaining = None if math.isinf(entry.expires_at) else entry.expires_at - now
+        ttl = promotion_ttl(ttl, exact_cache.ttl_seconds, remaining)
+        if ttl is not None and ttl <= 0:
+            return False
+        await exact_cache.put_by_signature(digest, hit.value, ttl_seconds=ttl)
+        self._promotions.setdefault(hit.entry, set()).add((exact_cache, digest))
+        return True
 
     async def invalidate(self, query: Query) -> bool:
         """Remove the entry stored for exactly this query; return whether a live one was there.
 
-        O(d): the scope's last row fills the hole.
+        O(d): the scope's last row fills the hole. The entry's promotions are deleted
+        from their exact cache in the same step.
         """
         self._check_open()
         _, _, digest = self._keys.semantic_parts(query)
         entry = self._remove(digest)
+        await self._delete_dropped()
         return entry is not None and entry.expires_at > self._clock()
 
     async def clear(self) -> None:
-        """Remove every entry of every scope; counters and the learned dimension are kept."""
+        """Remove every entry of every scope (and their promotions); counters and the
+        learned dimension are kept."""
         self._check_open()
         self._drop_all()
+        await self._delete_dropped()
 
     async def stats(self) -> CacheStats:
         """Return hits, misses, evictions and the number of live entries."""
         self._check_open()
         self._purge_expired(self._clock())
+        await self._delete_dropped()
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
@@ -224,10 +286,11 @@ class MemorySemanticCache(AsyncResource):
         for index in list(self._scopes.values()):
             await index.catch_up()
 
-    def _hit(self, digest: str, entry: _Entry) -> Any:
+    def _hit(self, digest: str, entry: _Entry) -> SemanticHit:
         self._entries.move_to_end(digest)
         self._hits += 1
-        return self._codec.decode(entry.data)
+        left = None if math.isinf(entry.expires_at) else entry.expires_at - self._clock()
+        return SemanticHit(self._codec.decode(entry.data), left, digest)
 
     def _remove(self, digest: str) -> _Entry | None:
         entry = self._entries.pop(digest, None)
@@ -236,7 +299,22 @@ class MemorySemanticCache(AsyncResource):
             index.remove(digest)
             if not len(index):
                 del self._scopes[entry.scope]
+        self._drop_promotions_of(digest)
         return entry
+
+    def _drop_promotions_of(self, digest: str) -> None:
+        self._dropped.extend(self._promotions.pop(digest, ()))
+
+    async def _delete_dropped(self) -> None:
+        """Delete the promotions of the entries removed so far from their exact caches.
+
+        Runs without yielding (a memory cache's invalidate never does), so the
+        promotions go in the same step as their entries.
+        """
+        dropped, self._dropped = self._dropped, []
+        for exact_cache, digest in dropped:
+            with contextlib.suppress(ClosedResourceError):  # a closed cache serves nothing
+                await exact_cache.invalidate_by_signature(digest)
 
     def _purge_expired(self, now: float) -> None:
         expiries = self._expiries
@@ -260,6 +338,10 @@ class MemorySemanticCache(AsyncResource):
         self._scopes.clear()
         self._entries.clear()
         self._expiries.clear()
+        for promotions in self._promotions.values():
+            self._dropped.extend(promotions)
+        self._promotions.clear()
 
     async def _release(self) -> None:
         self._drop_all()
+        await self._delete_dropped()

@@ -49,6 +49,7 @@ class _Batcher(Generic[Request]):
         self._batches = 0
         # the loop holds tasks weakly: the batch in flight must be held here
         self._batch_task: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return (
@@ -58,8 +59,15 @@ class _Batcher(Generic[Request]):
 
     async def _submit(self, request: Request) -> Any:
         self._sent += 1
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # what a loop that has ended left in flight or queued will never be answered
+            self._loop = loop
+            self._in_flight = False
+            self._queued.clear()
+            self._batch_task = None
         if self._in_flight:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Any] = loop.create_future()
             self._queued.append((request, future))
             return await future
         self._in_flight = True

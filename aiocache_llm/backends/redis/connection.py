@@ -8,6 +8,9 @@ closes). Every redis-py error is mapped here to the library's own hierarchy with
 
 from __future__ import annotations
 
+import asyncio
+import re
+import weakref
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -26,10 +29,12 @@ from aiocache_llm.core.validation import check_key_prefix
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
+    "LIVE_ENTRIES",
     "DEFAULT_SOCKET_TIMEOUT",
     "DRIVER_ERRORS",
     "RedisBackend",
     "backend_error",
+    "bind_to_running_loop",
 ]
 
 DEFAULT_SOCKET_TIMEOUT = 5.0
@@ -41,6 +46,25 @@ DEFAULT_MAX_CONNECTIONS = 64
 
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError)
 """What a Redis call may raise besides cancellation; caught only at the backend boundary."""
+
+LIVE_ENTRIES = """
+-- Count the live entries of a bounded cache.
+-- KEYS[1] recency index (zset: one member per entry),
+-- KEYS[2] expiry index (zset: entry -> expiry in server ms; entries with a TTL only)
+-- returns the index's size less the entries whose expiry has passed but that no put
+-- has reaped yet (0 when the index holds another Redis type)
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local size = redis.pcall('ZCARD', KEYS[1])
+if type(size) ~= 'number' then
+    return 0
+end
+local expired = redis.pcall('ZCOUNT', KEYS[2], '-inf', now)
+if type(expired) ~= 'number' then
+    expired = 0
+end
+return math.max(0, size - expired)
+"""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,  # includes BusyLoadingError
@@ -76,8 +100,40 @@ def backend_error(exc: BaseException, operation: str) -> BackendError:
     return BackendError(message)
 
 
+_POOL_LOOPS: weakref.WeakKeyDictionary[Any, asyncio.AbstractEventLoop] = weakref.WeakKeyDictionary()
+
+
+def bind_to_running_loop(client: Redis) -> None:
+    """Let ``client`` serve the running event loop; call it inside a coroutine. O(1).
+
+    A connection belongs to the event loop that opened it. When the client is used
+    from another loop (a second ``asyncio.run``, a loop per job or per test), its pool
+    forgets the old loop's connections: they cannot be closed from here (their loop
+    may be gone), their sockets are freed when they are collected, and new ones are
+    opened on demand. The pool's lock (and condition) are replaced too: one held by a
+    loop that ended would never be released.
+    """
+    pool = client.connection_pool
+    loop = asyncio.get_running_loop()
+    bound = _POOL_LOOPS.get(pool)
+    if bound is loop:
+        return
+    _POOL_LOOPS[pool] = loop
+    if bound is None:
+        return
+    pool.reset()  # type: ignore[no-untyped-call]
+    if hasattr(pool, "_lock"):
+        pool._lock = asyncio.Lock()
+    if hasattr(pool, "_condition"):
+        pool._condition = asyncio.Condition()
+
+
 class RedisBackend(AsyncResource):
-    """Base of the Redis backends: client ownership, key prefix and ``aclose()``."""
+    """Base of the Redis backends: client ownership, key prefix and ``aclose()``.
+
+    Every operation may run in any event loop: the first one in a new loop rebinds
+    the client's pool to it (:func:`bind_to_running_loop`).
+    """
 
     def __init__(self, *, url: str | None, client: Redis | None, key_prefix: str) -> None:
         self._prefix = check_key_prefix(key_prefix)
@@ -119,6 +175,10 @@ class RedisBackend(AsyncResource):
                 raise InvalidInputError(f"invalid Redis url {url!r}: {exc}") from exc
             self._owns_client = True
 
+    def _check_open(self) -> None:
+        super()._check_open()
+        bind_to_running_loop(self._redis)
+
     @property
     def key_prefix(self) -> str:
         """Every key this backend writes starts with ``key_prefix + ":"``."""
@@ -131,12 +191,23 @@ class RedisBackend(AsyncResource):
 
     async def _release(self) -> None:
         if self._owns_client:
+            bind_to_running_loop(self._redis)  # another loop's connections cannot be closed
             await self._redis.aclose()
 
-    async def _entry_count(self, index_key: str | None, pattern: str) -> int:
-        """How many entries the backend holds: O(1) from a bounded cache's index
-        (``ZCARD``), else O(keys in the database) counting ``pattern`` with SCAN."""
+    async def _entry_count(
+        self, index_key: str | None, pattern: str, *, expiries_key: str | None = None
+    ) -> int:
+        """How many live entries the backend holds.
+
+        A bounded cache counts its index: O(log n) with ``LIVE_ENTRIES`` (its size
+        less the entries whose expiry in ``expiries_key`` has passed on the server's
+        clock), O(1) with a plain ``ZCARD`` when it keeps no expiries. An unbounded
+        one counts the keys matching ``pattern`` with SCAN: O(keys in the database).
+        """
         try:
+            if index_key is not None and expiries_key is not None:
+                live = self._redis.register_script(LIVE_ENTRIES)
+                return int(await live(keys=[index_key, expiries_key]))
             if index_key is not None:
                 count: int = await self._redis.zcard(index_key)
                 return count
@@ -147,16 +218,22 @@ class RedisBackend(AsyncResource):
             raise backend_error(exc, "stats") from exc
         return count
 
-    async def _delete_matching(self, pattern: str, *, batch: int = 500) -> int:
+    async def _delete_matching(
+        self, pattern: str, *, batch: int = 500, keep: re.Pattern[bytes] | None = None
+    ) -> int:
         """Delete the keys matching the glob ``pattern`` with SCAN (never KEYS).
 
-        O(N) in the database's key count, in steps of ``batch`` keys, each step one
-        SCAN and one UNLINK; returns how many keys were removed.
+        With ``keep``, only the keys that also match that regular expression in full
+        are deleted (a glob cannot say "one of these suffixes"). O(N) in the
+        database's key count, in steps of ``batch`` keys, each step one SCAN and one
+        UNLINK; returns how many keys were removed.
         """
         removed = 0
         pending: list[bytes] = []
         try:
             async for key in self._redis.scan_iter(match=pattern, count=batch):
+                if keep is not None and not keep.fullmatch(key):
+                    continue
                 pending.append(key)
                 if len(pending) >= batch:
                     removed += await self._redis.unlink(*pending)

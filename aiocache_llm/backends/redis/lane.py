@@ -16,6 +16,8 @@ connection checked out of the client's pool and talks on it directly.
   failed command. Commands are never resent: a command whose reply was lost may have been applied.
 - Cancellation or an error in mid-command drops the connection (redis-py disconnects
   it), so a late reply can never be read as the answer to the next command.
+- Used from another event loop, the lane lets go of the connection it held for the
+  old one (see :func:`~aiocache_llm.backends.redis.connection.bind_to_running_loop`).
 
 Not safe for concurrent use: the owner sends one command at a time, and a second
 concurrent command raises ``RuntimeError`` instead of interleaving replies.
@@ -23,6 +25,7 @@ concurrent command raises ``RuntimeError`` instead of interleaving replies.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
@@ -37,11 +40,12 @@ MIN_POOL_SIZE = 8
 class CommandLane:
     """Sends commands of one owner, one at a time, on a connection held from the pool."""
 
-    __slots__ = ("_busy", "_connection", "_redis", "_release_when_done", "_shared")
+    __slots__ = ("_busy", "_connection", "_loop", "_redis", "_release_when_done", "_shared")
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._connection: AbstractConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the held connection's loop
         self._shared = redis.connection_pool.max_connections < MIN_POOL_SIZE
         self._busy = False
         self._release_when_done = False
@@ -59,6 +63,13 @@ class CommandLane:
         """
         if self._shared:
             return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # a connection held for a loop that has ended is of no use here (and its
+            # command, if one was in flight, will never finish): let it go, unclosed
+            self._loop = loop
+            self._connection = None
+            self._busy = self._release_when_done = False
         if self._busy:
             raise RuntimeError("a CommandLane carries one command at a time")
         self._busy = True
@@ -86,6 +97,9 @@ class CommandLane:
         """
         connection = self._connection
         if connection is None:
+            return
+        if self._loop is not asyncio.get_running_loop():
+            self._connection = None  # held for a loop that has ended: nothing to give back
             return
         if self._busy:
             # its reply may never be read by anyone else: drop the socket now, and let

@@ -15,6 +15,10 @@ from aiocache_llm.backends.rate_limits import (
     backend_down,
     check_config,
     check_failure_mode,
+    check_release_tokens,
+    check_reservation,
+    check_reserve_timeout,
+    check_tokens,
     over_budget,
     timed_out,
 )
@@ -30,6 +34,7 @@ from aiocache_llm.core.validation import (
     check_positive_int,
     check_positive_number,
 )
+from aiocache_llm.protocols import Reservation
 
 __all__ = ["RedisRateLimiter"]
 
@@ -37,20 +42,34 @@ logger = logging.getLogger("aiocache_llm.rate_limiter")
 
 T = TypeVar("T")
 
+# CONSUME's flags
+_GRANT = 1
+_TELL_WAIT = 2
+_RECORD = 4
+
 CONSUME = """
--- Purge a user's expired grants, then grant tokens if they fit, or tell when they would.
+-- Purge a user's expired grants, then grant tokens if they fit (or record them as used
+-- whether they fit or not), or tell when they would fit.
 -- A template: @BUDGET@ and @WINDOW_US@ are written in per limiter (see consume_script),
 -- which spares two arguments on every call.
--- KEYS[1] grant log: sorted set, score = grant time in us on the server clock,
---         member "<us>:<sum after the grant>:<tokens>" (unique: within one us the sum
---         only grows)
--- KEYS[2] meta: hash, sum = tokens in the log
--- ARGV[1] tokens (0: only purge and count),
--- ARGV[2] flags: 1 = grant the tokens if they fit, 2 = tell when they would fit
--- returns {1 if granted else 0, tokens free in the window after the call,
---          us until the tokens would fit (0 when they fit now or flag 2 is unset)}
+-- KEYS[1] grant log: sorted set, score = grant time in us on the server clock, member
+--         "<us>:<seq>:<tokens>"; "<us>:<seq>" is the grant's id (seq counts the user's
+--         grants, so ids never repeat) and its tokens shrink as they are given back
+-- KEYS[2] meta: hash; sum = tokens in the log, seq = the newest grant's seq, span = the
+--         longest window (us) that granted from the log, until = when that window's
+--         need for the log ends (us; written once a shorter window shares the log)
+-- ARGV[1] tokens, an integer in [0, 2^53) (0: only purge and count)
+-- ARGV[2] flags: 1 = grant the tokens if they fit, 2 = tell when they would fit (and
+--         the id of a grant), 4 = record the tokens as used now, fitting or not
+-- returns {1 if granted or recorded else 0, tokens free in our window after the call
+--          (never below 0), us until the tokens would fit (0 when they fit now or flag
+--          2 is unset)}, and with flag 2 the id of the grant written ('' when none)
+-- Every number is an integer below 2^53, exact in a Lua double (the log's total
+-- saturates there); each one written back is formatted with %d, never as 1e+15.
 local budget = @BUDGET@
 local window = @WINDOW_US@
+local most = 9007199254740991
+local format = string.format
 local tokens = tonumber(ARGV[1])
 local flags = tonumber(ARGV[2])
 local time = redis.call('TIME')
@@ -61,43 +80,77 @@ local function tokens_of(member)
     return tonumber(string.match(member, ':(%d+)$')) or 0
 end
 
--- a grant made at t counts while now < t + window
-local horizon = string.format('%d', now - window)
+local meta = redis.call('HMGET', KEYS[2], 'sum', 'seq', 'span', 'until')
+local sum = tonumber(meta[1])
+local seq = tonumber(meta[2]) or 0
+local span = tonumber(meta[3])
+local until_field = tonumber(meta[4])
+local span_until = until_field
+-- Limiters with different windows may share the log (a rolling deploy). A longer
+-- window than ours needs its grants kept for that window after its newest one: the
+-- log keeps every grant that long, and we count only those of our window. Until a
+-- shorter window shows up, the longer one's newest grant is told by the log's expiry.
+local keep = window
+local register = false
+if span ~= nil and span > window then
+    if span_until == nil then
+        span_until = now + redis.call('PTTL', KEYS[1]) * 1000
+        register = span_until > now
+    end
+    if span_until > now then
+        keep = span
+    end
+end
+
+-- a grant made at t counts in a window w while now < t + w
+local horizon = format('%d', now - keep)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon)
 local changed = #expired > 0
 if changed then
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
 end
-local sum = tonumber(redis.call('HGET', KEYS[2], 'sum'))
 local rebuilt = sum == nil
 if rebuilt then
     -- no meta (first grant, or lost): count the live log, O(n) once
     sum = 0
     for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
         sum = sum + tokens_of(member)
+        seq = math.max(seq, tonumber(string.match(member, '^%d+:(%d+):')) or 0)
     end
 else
     for _, member in ipairs(expired) do
         sum = sum - tokens_of(member)
     end
 end
-
-local granted = 0
-local wait = 0
-if sum + tokens <= budget then
-    if tokens > 0 and flags % 2 == 1 then
-        sum = sum + tokens
-        local stamp = string.format('%d', now)
-        local member = stamp .. ':' .. string.format('%d', sum) .. ':' .. tokens
-        redis.call('ZADD', KEYS[1], stamp, member)
-        granted = 1
+-- the tokens of our window: the whole log, unless it keeps grants for a longer one
+local own = '-inf'
+local mine = sum
+if keep > window then
+    own = '(' .. format('%d', now - window)
+    mine = 0
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], own, '+inf')) do
+        mine = mine + tokens_of(member)
     end
-elseif flags >= 2 then
-    -- walk the log from its oldest grant until enough tokens would have expired
-    local need = sum + tokens - budget
+end
+
+local add = 0
+local wait = 0
+if flags >= 4 then
+    add = math.min(tokens, most - sum)
+elseif mine + tokens <= budget and sum + tokens <= most then
+    if flags % 2 == 1 then
+        add = tokens
+    end
+elseif flags % 4 >= 2 then
+    -- walk our window from its oldest grant until enough tokens would have expired
+    local need = mine + tokens - budget
     local first = 0
+    if need <= 0 then
+        wait = window -- the log's total is saturated: at most a window
+    end
     while wait == 0 do
-        local batch = redis.call('ZRANGE', KEYS[1], first, first + 99, 'WITHSCORES')
+        local batch = redis.call(
+            'ZRANGEBYSCORE', KEYS[1], own, '+inf', 'WITHSCORES', 'LIMIT', first, 100)
         if #batch == 0 then
             wait = window -- the sum counts more than the log holds: wait a whole window
         end
@@ -112,17 +165,49 @@ elseif flags >= 2 then
     end
 end
 
+local id = ''
+if add > 0 then
+    seq = seq + 1
+    sum = sum + add
+    mine = mine + add
+    local stamp = format('%d', now)
+    id = stamp .. ':' .. format('%d', seq)
+    redis.call('ZADD', KEYS[1], stamp, id .. ':' .. format('%d', add))
+end
+
 if sum <= 0 then
     redis.call('DEL', KEYS[1], KEYS[2])
-elseif granted == 1 or changed or rebuilt then
-    redis.call('HSET', KEYS[2], 'sum', string.format('%d', sum))
-    -- both keys outlive the newest grant by exactly one window, then vanish (HSET
-    -- keeps an existing key's expiry, so only a grant or a new meta sets it)
-    if granted == 1 then
-        local ttl = math.ceil(window / 1000)
-        redis.call('PEXPIRE', KEYS[1], ttl)
-        redis.call('PEXPIRE', KEYS[2], ttl)
-    elseif rebuilt then
+elseif add > 0 then
+    local ttl = window
+    if keep > window then
+        -- a longer window's need, which our grant does not change
+        ttl = math.max(window, span_until - now)
+        redis.call('HSET', KEYS[2], 'sum', format('%d', sum), 'seq', format('%d', seq))
+        if register then
+            redis.call('HSET', KEYS[2], 'until', format('%d', span_until))
+        end
+    elseif span == window and until_field == nil then
+        redis.call('HSET', KEYS[2], 'sum', format('%d', sum), 'seq', format('%d', seq))
+    elseif until_field == nil then
+        -- ours is now the longest window granting from the log
+        redis.call('HSET', KEYS[2], 'sum', format('%d', sum), 'seq', format('%d', seq),
+            'span', format('%d', window))
+    else
+        -- and a shorter one shares it: it reads until when we need our grants kept
+        redis.call('HSET', KEYS[2], 'sum', format('%d', sum), 'seq', format('%d', seq),
+            'span', format('%d', window), 'until', format('%d', now + window))
+    end
+    -- both keys outlive the grants they keep, then vanish (HSET keeps an existing
+    -- key's expiry, so only a new grant or a new meta sets it)
+    ttl = math.ceil(ttl / 1000)
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+elseif changed or rebuilt or register then
+    redis.call('HSET', KEYS[2], 'sum', format('%d', sum), 'seq', format('%d', seq))
+    if register then
+        redis.call('HSET', KEYS[2], 'until', format('%d', span_until))
+    end
+    if rebuilt then
         local ttl = redis.call('PTTL', KEYS[1])
         if ttl < 0 then
             ttl = math.ceil(window / 1000)
@@ -130,7 +215,18 @@ elseif granted == 1 or changed or rebuilt then
         redis.call('PEXPIRE', KEYS[2], ttl)
     end
 end
-return {granted, budget - sum, wait}
+local answered = 0
+if add > 0 or flags >= 4 then
+    answered = 1
+end
+local free = budget - mine
+if free < 0 then
+    free = 0
+end
+if flags % 4 >= 2 then
+    return {answered, free, wait, id}
+end
+return {answered, free, wait}
 """
 
 
@@ -139,10 +235,49 @@ def consume_script(budget: int, window_us: int) -> str:
     return CONSUME.replace("@BUDGET@", str(int(budget))).replace("@WINDOW_US@", str(int(window_us)))
 
 
+RELEASE = """
+-- Give back tokens of one grant: a reservation whose call used fewer than it reserved.
+-- A template: @WINDOW_US@ is written in per limiter (see release_script).
+-- KEYS[1] grant log (see CONSUME), KEYS[2] meta hash
+-- ARGV[1] the grant's time (us: its score), ARGV[2] its id "<us>:<seq>",
+-- ARGV[3] tokens to give back, an integer in [1, 2^53)
+-- returns the tokens given back: at most what the grant still holds; 0 once it has
+-- left our window (its tokens are free already) or the log. Never another grant's.
+local window = @WINDOW_US@
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+if tonumber(ARGV[1]) + window <= now then
+    return 0
+end
+local head = ARGV[2] .. ':'
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+    if string.sub(member, 1, #head) == head then
+        local held = tonumber(string.sub(member, #head + 1)) or 0
+        local given = math.min(held, tonumber(ARGV[3]))
+        redis.call('ZREM', KEYS[1], member)
+        if held > given then
+            -- the grant keeps its time and shrinks, as if the request had been smaller
+            redis.call('ZADD', KEYS[1], ARGV[1], head .. string.format('%d', held - given))
+        end
+        if given > 0 and redis.call('HEXISTS', KEYS[2], 'sum') == 1 then
+            redis.call('HINCRBY', KEYS[2], 'sum', string.format('%d', -given))
+        end
+        return given
+    end
+end
+return 0
+"""
+
+
+def release_script(window_us: int) -> str:
+    """:data:`RELEASE` for one limiter's window (an integer, written in)."""
+    return RELEASE.replace("@WINDOW_US@", str(int(window_us)))
+
+
 REFUND = """
 -- Give back tokens from a user's newest grants (a call used fewer than it reserved).
 -- KEYS[1] grant log (see CONSUME), KEYS[2] meta hash
--- ARGV[1] tokens to give back
+-- ARGV[1] tokens to give back, an integer in [1, 2^53)
 -- returns the tokens given back: at most what the log holds (members that are not
 -- grants, written by someone else, are dropped on the way and give nothing)
 local left = tonumber(ARGV[1])
@@ -160,7 +295,7 @@ while left > 0 do
         -- not a grant (CONSUME never wrote it): dropped, nothing to give back
     elseif tokens > left then
         -- the grant keeps its time and shrinks, as if the request had been smaller
-        redis.call('ZADD', KEYS[1], score, head .. ':' .. (tokens - left))
+        redis.call('ZADD', KEYS[1], score, head .. ':' .. string.format('%d', tokens - left))
         given = given + left
         left = 0
     else
@@ -169,7 +304,7 @@ while left > 0 do
     end
 end
 if given > 0 and redis.call('HEXISTS', KEYS[2], 'sum') == 1 then
-    redis.call('HINCRBY', KEYS[2], 'sum', -given)
+    redis.call('HINCRBY', KEYS[2], 'sum', string.format('%d', -given))
 end
 return given
 """
@@ -177,6 +312,19 @@ return given
 _TAG_SPECIAL = frozenset("%{}")
 _TAG_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
 _NO_ANSWER = object()
+
+
+class _LogGrant:
+    """A :class:`Reservation`'s handle: its grant's id ``<us>:<seq>`` in the user's log."""
+
+    __slots__ = ("at", "id")
+
+    def __init__(self, grant_id: bytes) -> None:
+        self.id = grant_id
+        self.at = grant_id.split(b":", 1)[0]  # the grant's time in us: its score
+
+    def __repr__(self) -> str:
+        return f"_LogGrant({self.id!r})"
 
 
 class _DataError:
@@ -216,13 +364,29 @@ class RedisRateLimiter(RedisBackend):
     server's clock (Redis ``TIME``), never by the clients'.
 
     Per user, under ``{key_prefix}:{<user_id>}:``, a sorted set ``grants`` (score =
-    grant time in microseconds, member ``<us>:<sum after it>:<tokens>``) and a hash
-    ``meta`` (``sum`` of the live tokens). A check removes the expired grants and
+    grant time in microseconds, member ``<us>:<seq>:<tokens>``) and a hash ``meta``
+    (``sum`` of the live tokens, the grant counter ``seq``, and ``span``/``until``: the
+    longest window the log serves, see below). A check removes the expired grants and
     adjusts the sum: O(log n + expired), not O(n) (only a lost ``meta`` is rebuilt
     from the log, once). Both keys expire one window
     after the user's newest grant, so idle users vanish. The braces are a Redis
     Cluster hash tag: a user's two keys share a slot (see :meth:`keys`; a
     ``key_prefix`` holding braces sets the tag itself).
+
+    Reservations, debts and exactness are as on :class:`MemoryRateLimiter`:
+    :meth:`reserve` returns a :class:`Reservation` whose :meth:`release` gives back
+    only that grant's tokens (one round trip, O(log n)); :meth:`record_usage` records
+    tokens used beyond a reservation, even past the budget. Budgets, token counts and a
+    user's total are exact integers up to ``MAX_TOKENS`` (2**53 - 1): the scripts
+    never write a number in exponent form, and larger values are refused with
+    :class:`InvalidInputError` before any I/O.
+
+    **Different windows on one prefix** (a rolling deploy changing ``window_seconds``)
+    each keep their guarantee: the log keeps every grant for the longest window whose
+    limiter granted less than that window ago, and each limiter counts the grants of
+    its own window, all processes' included. A limiter whose window is shorter than a
+    live longer one pays O(grants in its window) per check until the longer one has
+    been idle for its window; with one window per prefix nothing changes.
 
     ``acquire`` calls of this process queue per user in FIFO order (see
     :class:`AcquireQueues`): the head sleeps exactly until the script says its tokens
@@ -313,12 +477,14 @@ class RedisRateLimiter(RedisBackend):
             self._redis, consume_script(self._budget, self._window_us), operation="check"
         )
         self._refund = self._redis.register_script(REFUND)
+        self._release_script = self._redis.register_script(release_script(self._window_us))
         self._queues = AcquireQueues(self._check_open, jitter=True)
         self._outage = False
         self._answers = 0  # round trips answered: tells a stale failure from an outage
         self._granted = 0
         self._granted_tokens = 0
         self._refunded_tokens = 0
+        self._recorded_tokens = 0
         self._refused = 0
         self._backend_errors = 0
 
@@ -364,16 +530,16 @@ class RedisRateLimiter(RedisBackend):
 
         One round trip, atomic on the server; none when ``tokens`` exceed the budget
         or ``acquire`` calls of this process wait for the user's budget (refused at
-        once). Bad arguments raise before any I/O. When Redis cannot answer, returns
-        True (``failure_mode="open"``) or False (``"closed"``), or raises
-        :class:`BackendError` (``"raise"``).
+        once). Bad arguments (``tokens`` not an ``int`` in [1, ``MAX_TOKENS``]) raise
+        before any I/O. When Redis cannot answer, returns True (``failure_mode="open"``)
+        or False (``"closed"``), or raises :class:`BackendError` (``"raise"``).
         """
         self._check_open()
         keys = self.keys(user_id)
-        check_positive_int("tokens", tokens)
+        check_tokens(tokens)
         if tokens <= self._budget and not self._queues.blocked(user_id):
             try:
-                granted, _, _ = await self._run("check_and_consume", keys, tokens, grant=True)
+                granted, _, _, _ = await self._run("check_and_consume", keys, tokens, _GRANT)
             except BackendError as exc:
                 granted = self._fail_open(exc)
             if granted:
@@ -384,7 +550,7 @@ class RedisRateLimiter(RedisBackend):
         return False
 
     async def get_remaining(self, user_id: str) -> int:
-        """Return the tokens free in the user's window now; one round trip (it purges).
+        """Return the tokens free in the user's window now (never below 0); one round trip.
 
         When Redis cannot answer: the whole budget (``failure_mode="open"``), 0
         (``"closed"``), or :class:`BackendError` raised (``"raise"``).
@@ -392,7 +558,7 @@ class RedisRateLimiter(RedisBackend):
         self._check_open()
         keys = self.keys(user_id)
         try:
-            _, remaining, _ = await self._run("get_remaining", keys, 0)
+            _, remaining, _, _ = await self._run("get_remaining", keys, 0, 0)
         except BackendError as exc:
             return self._budget if self._fail_open(exc) else 0
         return remaining
@@ -410,34 +576,9 @@ class RedisRateLimiter(RedisBackend):
         """
         self._check_open()
         keys = self.keys(user_id)
-        check_positive_int("tokens", tokens)
+        check_tokens(tokens)
         timeout = check_optional_positive_number("timeout", timeout)
-        if tokens > self._budget:
-            self._refused += 1
-            raise over_budget(user_id, tokens, self._config)
-
-        async def attempt(consume: bool) -> float | None:
-            try:
-                granted, _, wait_us = await self._run(
-                    "acquire", keys, tokens, grant=consume, tell_wait=True
-                )
-            except BackendError as exc:
-                if self._fail_open(exc):
-                    return None
-                raise backend_down(user_id, tokens, self._retry_after) from exc
-            return None if granted or not wait_us else wait_us / 1_000_000
-
-        try:
-            retry_after = await self._queues.acquire(user_id, attempt, timeout)
-        except RateLimitExceeded:
-            self._refused += 1
-            raise
-        if retry_after is None:
-            self._granted += 1
-            self._granted_tokens += tokens
-            return
-        self._refused += 1
-        raise timed_out(user_id, tokens, timeout, retry_after)
+        await self._reserve("acquire", user_id, keys, tokens, timeout)
 
     async def reset(self, user_id: str) -> None:
         """Forget every grant of ``user_id`` (both keys deleted); one round trip.
@@ -453,13 +594,15 @@ class RedisRateLimiter(RedisBackend):
     async def refund(self, user_id: str, tokens: int) -> int:
         """Give back up to ``tokens`` of the user's newest grants; return how many.
 
-        Same contract as :meth:`MemoryRateLimiter.refund`; one round trip running
-        :data:`REFUND`, atomic on the server, O(grants touched). When Redis cannot
-        answer, gives nothing back (returns 0) unless ``failure_mode="raise"``.
+        Same contract as :meth:`MemoryRateLimiter.refund` (only right when the newest
+        grants are the caller's own: a call settles its grant with :meth:`release`);
+        one round trip running :data:`REFUND`, atomic on the server, O(grants touched).
+        When Redis cannot answer, gives nothing back (returns 0) unless
+        ``failure_mode="raise"``.
         """
         self._check_open()
         keys = self.keys(user_id)
-        check_positive_int("tokens", tokens)
+        check_tokens(tokens)
         try:
             given = int(
                 await self._guarded("refund", lambda: self._refund(keys=list(keys), args=[tokens]))
@@ -471,6 +614,76 @@ class RedisRateLimiter(RedisBackend):
         self._queues.nudge(user_id)
         return given
 
+    async def reserve(
+        self, user_id: str, tokens: int, *, timeout: float | None = None
+    ) -> Reservation:
+        """Grant ``tokens`` like :meth:`acquire` and return the :class:`Reservation`.
+
+        Same contract as :meth:`MemoryRateLimiter.reserve`: ``timeout=0`` is one round
+        trip that grants or raises :class:`RateLimitExceeded` with the server's
+        ``retry_after``. When Redis cannot answer: a reservation holding no grant
+        (``failure_mode="open"``; releasing it gives nothing back), or the error of
+        :meth:`acquire`.
+        """
+        self._check_open()
+        keys = self.keys(user_id)
+        check_tokens(tokens)
+        timeout = check_reserve_timeout(timeout)
+        return await self._reserve("reserve", user_id, keys, tokens, timeout)
+
+    async def release(self, reservation: Reservation, tokens: int | None = None) -> int:
+        """Give back up to ``tokens`` (None: all) of what ``reservation`` still holds.
+
+        Same contract as :meth:`MemoryRateLimiter.release`: only that grant shrinks,
+        and nothing is given back once it left this limiter's window. One round trip
+        running :data:`RELEASE`, atomic on the server, O(log n); none for a
+        reservation holding no grant. When Redis cannot answer, gives nothing back
+        (returns 0) unless ``failure_mode="raise"``.
+        """
+        self._check_open()
+        check_reservation(reservation, _LogGrant, "RedisRateLimiter")
+        tokens = check_release_tokens(tokens)
+        grant = reservation.handle
+        if not isinstance(grant, _LogGrant):
+            return 0  # granted while Redis could not answer: nothing was recorded
+        keys = self.keys(reservation.user_id)
+        args: list[bytes | int] = [
+            grant.at,
+            grant.id,
+            reservation.tokens if tokens is None else tokens,
+        ]
+        try:
+            given = int(
+                await self._guarded(
+                    "release", lambda: self._release_script(keys=list(keys), args=args)
+                )
+            )
+        except BackendError as exc:
+            self._fail_open(exc)
+            return 0
+        if given:
+            self._refunded_tokens += given
+            self._queues.nudge(reservation.user_id)
+        return given
+
+    async def record_usage(self, user_id: str, tokens: int) -> None:
+        """Record ``tokens`` as used by ``user_id`` now, whether or not they fit.
+
+        Same contract as :meth:`MemoryRateLimiter.record_usage`; one round trip
+        running :data:`CONSUME`, atomic on the server. When Redis cannot answer,
+        nothing is recorded unless ``failure_mode="raise"`` (which raises
+        :class:`BackendError`).
+        """
+        self._check_open()
+        keys = self.keys(user_id)
+        check_tokens(tokens)
+        try:
+            await self._run("record_usage", keys, tokens, _RECORD)
+        except BackendError as exc:
+            self._fail_open(exc)
+            return
+        self._recorded_tokens += tokens
+
     async def stats(self) -> RateLimiterStats:
         """Return this process's grants, refusals and backend errors; no I/O."""
         self._check_open()
@@ -478,29 +691,70 @@ class RedisRateLimiter(RedisBackend):
             granted=self._granted,
             granted_tokens=self._granted_tokens,
             refunded_tokens=self._refunded_tokens,
+            recorded_tokens=self._recorded_tokens,
             refused=self._refused,
             backend_errors=self._backend_errors,
         )
 
-    async def _run(
+    async def _reserve(
         self,
         operation: str,
+        user_id: str,
         keys: tuple[bytes, bytes],
         tokens: int,
-        *,
-        grant: bool = False,
-        tell_wait: bool = False,
-    ) -> tuple[int, int, int]:
-        """Run :data:`CONSUME` once: (granted, tokens free, microseconds until they fit).
+        timeout: float | None,
+    ) -> Reservation:
+        """Grant ``tokens`` once they fit (``timeout`` 0: now or never); arguments checked."""
+        if tokens > self._budget:
+            self._refused += 1
+            raise over_budget(user_id, tokens, self._config)
+        grant: _LogGrant | None = None
 
-        Only ``acquire`` asks for the wait (``tell_wait``), which costs O(grants that
-        must expire); a refused ``check_and_consume`` stays O(log n + expired).
+        async def attempt(consume: bool) -> float | None:
+            nonlocal grant
+            try:
+                granted, _, wait_us, grant_id = await self._run(
+                    operation, keys, tokens, (_GRANT if consume else 0) | _TELL_WAIT
+                )
+            except BackendError as exc:
+                if self._fail_open(exc):
+                    return None
+                raise backend_down(user_id, tokens, self._retry_after) from exc
+            if granted:
+                grant = _LogGrant(grant_id)
+                return None
+            return wait_us / 1_000_000 if wait_us else None
+
+        queues = self._queues
+        try:
+            if timeout == 0:
+                retry_after = await queues.attempt_now(user_id, attempt)
+            else:
+                retry_after = await queues.acquire(user_id, attempt, timeout)
+        except RateLimitExceeded:
+            self._refused += 1
+            raise
+        if retry_after is None:
+            self._granted += 1
+            self._granted_tokens += tokens
+            return Reservation(user_id, tokens, grant)
+        self._refused += 1
+        raise timed_out(user_id, tokens, timeout, retry_after)
+
+    async def _run(
+        self, operation: str, keys: tuple[bytes, bytes], tokens: int, flags: int
+    ) -> tuple[int, int, int, bytes]:
+        """Run :data:`CONSUME` once: (granted or recorded, tokens free, us until they
+        fit, the id of the grant written: only with ``_TELL_WAIT``, else ``b""``).
+
+        Only ``acquire``/``reserve`` ask for the wait (``_TELL_WAIT``), which costs
+        O(grants that must expire); a refused ``check_and_consume`` stays O(log n +
+        expired).
         """
-        args = (tokens, int(grant) + 2 * int(tell_wait))
-        granted, remaining, wait_us = await self._guarded(
-            operation, lambda: self._consume.run(keys, args, operation=operation)
+        reply = await self._guarded(
+            operation, lambda: self._consume.run(keys, (tokens, flags), operation=operation)
         )
-        return int(granted), int(remaining), int(wait_us)
+        return int(reply[0]), int(reply[1]), int(reply[2]), reply[3] if len(reply) > 3 else b""
 
     async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call`` behind the guard: its result, or :class:`BackendError` if no answer.

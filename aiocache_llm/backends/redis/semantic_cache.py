@@ -9,6 +9,7 @@ the mirrors in :mod:`semantic_mirror <aiocache_llm.backends.redis.semantic_mirro
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from itertools import count
 from typing import Any
@@ -16,11 +17,15 @@ from typing import Any
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from aiocache_llm.backends.promotion import SemanticHit, promotion_ttl
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
+from aiocache_llm.backends.redis.exact_cache import RedisExactCache
 from aiocache_llm.backends.redis.semantic_mirror import ScopeMirrors
 from aiocache_llm.backends.redis.semantic_scripts import (
+    DROP_PROMOTIONS,
     FETCH,
     INVALIDATE,
+    LINK_PROMOTION,
     LOG_FLOOR,
     PUT,
     REAP_LIMIT,
@@ -40,6 +45,10 @@ from aiocache_llm.core.validation import (
 
 __all__ = ["RedisSemanticCache"]
 
+_HEX64 = "[0-9a-f]" * 64
+# the connection settings that say two clients talk to the same server and database
+_SERVER_SETTINGS = ("host", "port", "db", "path", "server")
+
 
 class RedisSemanticCache(RedisBackend):
     """Paraphrased request -> stored answer, by cosine similarity, shared through plain Redis 7.
@@ -55,10 +64,12 @@ class RedisSemanticCache(RedisBackend):
     through ``{key_prefix}:dim``.
 
     ``max_size=None`` (or 0) is unbounded; a positive ``max_size`` keeps a global
-    LRU index (a sorted set) that costs one index write per hit and put. Expiry
-    follows the server clock: values carry ``PX``, vectors their expiry (masked in
-    mirrors), and each put removes up to 16 expired vectors of its scope; a scope's
-    keys expire with its longest-lived entry.
+    LRU index (a sorted set) that costs one index write per hit and put, and an
+    expiry index of the entries with a TTL: as in :class:`MemorySemanticCache`,
+    expired entries of any scope give up their slots before a live entry is evicted.
+    Expiry follows the server clock: values carry ``PX``, vectors their expiry
+    (masked in mirrors), and each put removes up to 16 expired vectors of its scope;
+    a scope's keys expire with its longest-lived entry.
 
     Round trips: a ``get`` is one script call that syncs this process's mirror of the
     query's scope (or answers an exact repeat without embedding); with no candidate
@@ -74,9 +85,13 @@ class RedisSemanticCache(RedisBackend):
     used dropped). A mirror's first sync is a snapshot of its scope (O(n*d) bytes):
     inside the sync reply up to 1 MiB of vectors, else by HSCAN in batches of 1000
     followed by a replay of the changes logged meanwhile, so that no single call
-    holds Redis for long. Later syncs transfer only the changes. ``stats().size`` is
-    O(1) for a bounded cache (entries expired but not yet reaped included), O(keys
-    in the database) with SCAN for an unbounded one.
+    holds Redis for long. Later syncs transfer only the changes. ``stats().size``
+    counts live entries: O(log n) for a bounded cache, O(keys in the database) with
+    SCAN for an unbounded one.
+
+    Promotions (:meth:`promote`, see :mod:`aiocache_llm.backends.promotion`) go into
+    a :class:`RedisExactCache` on the same server only, and are deleted by the same
+    script that removes their entry.
 
     Data under our keys that this library did not write (vectors of the wrong length
     or NaN, garbage in the log, values it cannot decode, keys of another type) is
@@ -112,13 +127,22 @@ class RedisSemanticCache(RedisBackend):
         super().__init__(url=url, client=client, key_prefix=key_prefix)
         self._dim_key = f"{self._prefix}:dim"
         self._lru_key = f"{self._prefix}:lru"
-        hex64 = "?" * 64
-        self._scope_pattern = f"{self._prefix}:s:{hex64}:*"
-        self._value_pattern = f"{self._prefix}:s:{hex64}:v:{hex64}"
+        self._lru_exp_key = f"{self._lru_key}:exp"
+        # `?` would match colons too, and so other objects' keys: hex classes only
+        self._scope_pattern = f"{self._prefix}:s:{_HEX64}:*"
+        self._value_pattern = f"{self._prefix}:s:{_HEX64}:v:{_HEX64}"
+        self._promotions_pattern = f"{self._prefix}:s:{_HEX64}:pr:{_HEX64}"
+        # what the scope pattern matches that is ours: the suffixes the scripts write
+        self._scope_keys = re.compile(
+            re.escape(self._prefix).encode()
+            + rb":s:[0-9a-f]{64}:(?:vec|log|exp|(?:v|pr):[0-9a-f]{64})"
+        )
         self._sync = self._redis.register_script(SYNC)
         self._fetch = self._redis.register_script(FETCH)
         self._put = self._redis.register_script(PUT)
         self._invalidate = self._redis.register_script(INVALIDATE)
+        self._link_promotion = self._redis.register_script(LINK_PROMOTION)
+        self._drop_promotions = self._redis.register_script(DROP_PROMOTIONS)
         self._mirrors = ScopeMirrors(self._redis, self._prefix)
         self._token_prefix = os.urandom(6).hex()
         self._tokens = count()
@@ -148,6 +172,17 @@ class RedisSemanticCache(RedisBackend):
         threshold or embedding, before anything stored changes;
         :class:`BackendError` when Redis fails.
         """
+        hit = await self.lookup(query, similarity_threshold=similarity_threshold)
+        return None if hit is None else hit.value
+
+    async def lookup(
+        self, query: Query, *, similarity_threshold: float | None = None
+    ) -> SemanticHit | None:
+        """:meth:`get`, also telling which entry answered and its remaining lifetime.
+
+        The lifetime is the entry's value's ``PTTL`` read in the same script that
+        read the value (server clock). Same round trips and errors as :meth:`get`.
+        """
         self._check_open()
         threshold = self._threshold
         if similarity_threshold is not None:
@@ -157,7 +192,7 @@ class RedisSemanticCache(RedisBackend):
         reply = await self._sync_scope(scope, digest, point.cursor)
         now_ms, stored_dimension, mode = float(reply[0]), reply[1], reply[2]
         if mode == b"e":
-            return self._decode(reply[3])
+            return self._hit(reply[3], reply[4], scope, digest)
         if mode not in (b"d", b"s", b"S"):
             self._miss(corrupt=True)
             return None
@@ -207,6 +242,8 @@ class RedisSemanticCache(RedisBackend):
                     f"{base}:v:{digest}",
                     self._dim_key,
                     self._lru_key,
+                    self._lru_exp_key,
+                    f"{base}:pr:{digest}",
                 ],
                 args=[
                     digest,
@@ -229,10 +266,56 @@ class RedisSemanticCache(RedisBackend):
         self._embedding.adopt(vector)
         self._evictions += int(reply[1])
 
+    async def promote(
+        self,
+        hit: SemanticHit,
+        exact_cache: object,
+        digest: str,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> bool:
+        """Store ``hit.value`` in ``exact_cache`` under ``digest``, tied to ``hit``'s entry.
+
+        The promotion lives ``ttl_seconds`` (None: the exact cache's default), never
+        longer than the entry has left, and is deleted whenever the entry is removed
+        (invalidated, replaced, reaped, evicted or cleared), by whichever process.
+        ``exact_cache`` must be a :class:`RedisExactCache` on the same Redis server
+        and database; for any other cache, or an entry that expired, nothing is
+        stored and False is returned. Two round trips: the exact cache's put, then
+        one script that ties the promotion to the entry and trims its lifetime to
+        what the entry has left (or deletes it if the entry went meanwhile, then
+        returns False). Raises what the exact cache's put raises
+        (:class:`ValueTooLargeError`, :class:`BackendError`, ...).
+        """
+        self._check_open()
+        ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
+        if not isinstance(exact_cache, RedisExactCache) or not _same_server(
+            exact_cache.client, self._redis
+        ):
+            return False
+        ttl = promotion_ttl(ttl, exact_cache.ttl_seconds, hit.ttl_seconds)
+        scope, _, entry = hit.entry.partition(":")
+        if (ttl is not None and ttl <= 0) or not (len(scope) == len(entry) == 64):
+            return False
+        await exact_cache.put_by_signature(digest, hit.value, ttl_seconds=ttl)
+        base = f"{self._prefix}:s:{scope}"
+        try:
+            linked = await self._link_promotion(
+                keys=[
+                    f"{base}:v:{entry}",
+                    f"{base}:pr:{entry}",
+                    f"{exact_cache.key_prefix}:{digest}",
+                ]
+            )
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "promote") from exc
+        return bool(linked)
+
     async def invalidate(self, query: Query) -> bool:
         """Remove the entry stored for exactly this query; return whether a live one was there.
 
-        One round trip; other processes' mirrors drop it on their next ``get``.
+        One round trip; other processes' mirrors drop it on their next ``get``. The
+        entry's promotions in an exact cache are deleted in the same step.
         """
         self._check_open()
         scope, _, digest = self._keys.semantic_parts(query)
@@ -245,6 +328,8 @@ class RedisSemanticCache(RedisBackend):
                     f"{base}:exp",
                     f"{base}:v:{digest}",
                     self._lru_key,
+                    self._lru_exp_key,
+                    f"{base}:pr:{digest}",
                 ],
                 args=[digest, base, f"{scope}:{digest}", self._log_floor, self._token()],
             )
@@ -256,24 +341,40 @@ class RedisSemanticCache(RedisBackend):
         """Remove every entry of every scope; counters and the learned dimension are kept.
 
         Deletes this cache's keys (SCAN + UNLINK, never KEYS; O(N)) and this process's
-        mirrors. Only ``{key_prefix}:s:<scope>:*``, ``{key_prefix}:dim`` and
-        ``{key_prefix}:lru`` are deleted: other keys, nested prefixes such as
-        ``{key_prefix}:v2`` included, stay. Not atomic: a put racing with ``clear``
-        may survive it.
+        mirrors, and the entries' promotions in an exact cache. Only the keys the
+        scripts write are deleted (``{key_prefix}:s:<scope>:`` + ``vec``, ``log``,
+        ``exp``, ``v:<digest>``, ``pr:<digest>``; ``{key_prefix}:dim``,
+        ``{key_prefix}:lru``, ``{key_prefix}:lru:exp``): other keys, nested prefixes
+        such as ``{key_prefix}:v2`` included, stay. Not atomic: a put (or promotion)
+        racing with ``clear`` may survive it.
         """
         self._check_open()
         self._mirrors.clear()
-        await self._delete_matching(self._scope_pattern)
         try:
-            await self._redis.unlink(self._dim_key, self._lru_key)
+            records: list[bytes] = []
+            async for key in self._redis.scan_iter(match=self._promotions_pattern, count=500):
+                records.append(key)
+                if len(records) >= 500:
+                    await self._drop_promotions(keys=records)
+                    records = []
+            if records:
+                await self._drop_promotions(keys=records)
+        except DRIVER_ERRORS as exc:
+            raise backend_error(exc, "clear") from exc
+        await self._delete_matching(self._scope_pattern, keep=self._scope_keys)
+        try:
+            await self._redis.unlink(self._dim_key, self._lru_key, self._lru_exp_key)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "clear") from exc
 
     async def stats(self) -> CacheStats:
-        """Return this process's hits, misses, evictions and corrupt entries; the size in Redis."""
+        """Return this process's hits, misses, evictions and corrupt entries; the size in Redis.
+
+        The size counts live entries only (see the class docstring for its cost).
+        """
         self._check_open()
         index = self._lru_key if self._max_size else None
-        size = await self._entry_count(index, self._value_pattern)
+        size = await self._entry_count(index, self._value_pattern, expiries_key=self._lru_exp_key)
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
@@ -306,7 +407,7 @@ class RedisSemanticCache(RedisBackend):
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "get") from exc
 
-    async def _fetch_first(self, scope: str, digests: list[str]) -> Any | None:
+    async def _fetch_first(self, scope: str, digests: list[str]) -> SemanticHit | None:
         base = f"{self._prefix}:s:{scope}"
         keys = [f"{base}:v:{digest}" for digest in digests]
         members = [f"{scope}:{digest}" for digest in digests]
@@ -318,18 +419,20 @@ class RedisSemanticCache(RedisBackend):
             raise backend_error(exc, "get") from exc
         status = int(found[0])
         if status > 0:
-            return self._decode(found[1])
+            return self._hit(found[1], found[2], scope, digests[status - 1])
         self._miss(corrupt=status < 0)
         return None
 
-    def _decode(self, data: bytes) -> Any:
+    def _hit(self, data: bytes, left_ms: int, scope: str, digest: str) -> SemanticHit | None:
+        """The hit of entry ``digest`` read as ``data`` with ``left_ms`` to live (-1: none)."""
         try:
             value = self._codec.decode(data)
         except CorruptEntryError:
             self._miss(corrupt=True)
             return None
         self._hits += 1
-        return value
+        left = int(left_ms)
+        return SemanticHit(value, None if left < 0 else left / 1000, f"{scope}:{digest}")
 
     def _miss(self, *, corrupt: bool = False) -> None:
         self._misses += 1
@@ -349,6 +452,15 @@ class RedisSemanticCache(RedisBackend):
     async def _release(self) -> None:
         self._mirrors.clear()
         await super()._release()
+
+
+def _same_server(first: Redis, second: Redis) -> bool:
+    """Whether two clients talk to the same Redis server and database."""
+    if first is second:
+        return True
+    mine = first.connection_pool.connection_kwargs
+    theirs = second.connection_pool.connection_kwargs
+    return all(mine.get(name) == theirs.get(name) for name in _SERVER_SETTINGS)
 
 
 def _dimension_error(vector: UnitVector, stored: bytes) -> InvalidInputError:

@@ -7,8 +7,16 @@ Keys, with ``p`` the key prefix, ``S`` a scope digest and ``D`` an entry digest
     p:s:S:exp     zset    D -> expiry (server ms), entries with a TTL only
     p:s:S:log     stream  changes: u=token o=a d=D v=vector x=expiry | u o=r d=D | u o=n
     p:s:S:v:D     string  the encoded value (SET PX with the entry's TTL)
+    p:s:S:pr:D    set     keys of exact-cache entries promoted from entry D (same TTL)
     p:dim         string  the dimension of every vector of the cache
     p:lru         zset    "S:D" -> last use (server us), bounded caches only
+    p:lru:exp     zset    "S:D" -> expiry (server ms), bounded caches, entries with a TTL
+
+A promotion (see :mod:`aiocache_llm.backends.promotion`) is an entry of a
+``RedisExactCache`` on the same server, ``E:X`` with ``E`` its key prefix and ``X``
+a 64-character digest; that cache's bounded indexes are ``E:lru`` and ``E:lru:exp``.
+Whenever entry ``D`` is removed (invalidated, replaced, reaped, evicted), the keys in
+``p:s:S:pr:D`` are deleted and dropped from those indexes in the same script.
 
 Every write (``PUT``, ``INVALIDATE``, the removals a put makes while reaping or
 evicting) changes the hash and appends to the scope's log in the same script, so a
@@ -22,8 +30,10 @@ from __future__ import annotations
 
 __all__ = [
     "CHANGES",
+    "DROP_PROMOTIONS",
     "FETCH",
     "INVALIDATE",
+    "LINK_PROMOTION",
     "LOG_FLOOR",
     "PUT",
     "REAP_LIMIT",
@@ -66,13 +76,51 @@ local function log_length(vectors_key, floor)
     return math.max(floor, math.floor((try('HLEN', vectors_key) or 0) / 4))
 end
 
+local function claim(key, kind)
+    -- garbage of another type under one of our keys is replaced, never written into
+    local found = redis.call('TYPE', key)['ok']
+    if found ~= 'none' and found ~= kind then
+        redis.call('UNLINK', key)
+        return true
+    end
+    return false
+end
+
+local function exact_prefix(key)
+    -- the key prefix of an exact-cache entry key 'E:<64 hex>', or nil for anything else
+    local prefix, digest = string.match(key, '^(.+):(%x+)$')
+    if prefix and #digest == 64 then
+        return prefix
+    end
+    return nil
+end
+
+local function drop_promotion(key)
+    -- delete a promoted exact-cache entry and drop it from that cache's indexes
+    local prefix = exact_prefix(key)
+    if prefix then
+        redis.call('UNLINK', key)
+        try('ZREM', prefix .. ':lru', key)
+        try('ZREM', prefix .. ':lru:exp', key)
+    end
+end
+
+local function drop_promotions(promotions_key)
+    -- delete every promotion recorded in `promotions_key`, then the record
+    for _, key in ipairs(try('SMEMBERS', promotions_key) or {}) do
+        drop_promotion(key)
+    end
+    redis.call('UNLINK', promotions_key)
+end
+
 local function remove_entry(base, digest, floor, token)
     -- remove entry `digest` of the scope whose keys start with `base` and log it;
-    -- returns true if its vector was there
+    -- its promotions go with it; returns true if its vector was there
     local vectors_key = base .. ':vec'
     local removed = try('HDEL', vectors_key, digest)
     try('UNLINK', base .. ':v:' .. digest)
     try('ZREM', base .. ':exp', digest)
+    drop_promotions(base .. ':pr:' .. digest)
     if removed ~= 1 then
         return false
     end
@@ -98,7 +146,8 @@ SYNC = (
 -- ARGV[5] token for the log entry written when a live scope's log must be restarted,
 -- ARGV[6] most entries a snapshot may hold in this reply (larger scopes are scanned)
 -- returns {now ms, dimension or '', mode, ...} with mode
---   'e', value                         the exact query is stored (LRU touched)
+--   'e', value, ms left                the exact query is stored (LRU touched); ms left
+--                                      is its value's remaining lifetime (-1 = none)
 --   'd', last id, last token, changes  the log entries after the cursor (cursor excluded)
 --   's', last id, last token, hgetall, zrange-withscores   a snapshot of the scope
 --   'S', last id, last token           the scope is too large for one reply: scan it, then
@@ -119,7 +168,7 @@ if value then
     if ARGV[3] ~= '' then
         try('ZADD', KEYS[6], 'XX', t[1] * 1000000 + t[2], ARGV[3])
     end
-    return {now, dim, 'e', value}
+    return {now, dim, 'e', value, redis.call('PTTL', KEYS[5])}
 end
 local size = try('HLEN', KEYS[1])
 if size == nil then
@@ -182,8 +231,9 @@ FETCH = """
 -- Return the value of the first candidate that still exists; mark it most recently used.
 -- KEYS[1..n] candidate value keys (best first), KEYS[n+1] recency index (zset)
 -- ARGV[1..n] the candidates' recency members ('S:D'), ARGV[n+1] '1' if the cache is bounded
--- returns {i, value} for the first existing candidate i, {-i} if candidate i holds
--- another type than a string, {0} if none exists
+-- returns {i, value, ms left} for the first existing candidate i (ms left: its
+-- remaining lifetime, -1 = none), {-i} if candidate i holds another type than a
+-- string, {0} if none exists
 local n = #KEYS - 1
 for i = 1, n do
     local value = redis.pcall('GET', KEYS[i])
@@ -195,7 +245,7 @@ for i = 1, n do
             local t = redis.call('TIME')
             redis.pcall('ZADD', KEYS[n + 1], 'XX', t[1] * 1000000 + t[2], ARGV[i])
         end
-        return {i, value}
+        return {i, value, redis.call('PTTL', KEYS[i])}
     end
 end
 return {0}
@@ -205,12 +255,16 @@ PUT = (
     """
 -- Store one entry, reap a few expired entries of its scope, evict beyond max_size.
 -- KEYS[1] scope vectors (hash), KEYS[2] scope log (stream), KEYS[3] scope expiries (zset),
--- KEYS[4] entry value (string), KEYS[5] dimension (string), KEYS[6] recency index (zset)
+-- KEYS[4] entry value (string), KEYS[5] dimension (string), KEYS[6] recency index (zset),
+-- KEYS[7] expiry index of a bounded cache (zset), KEYS[8] the entry's promotions (set)
 -- ARGV[1] entry digest, ARGV[2] vector bytes, ARGV[3] encoded value, ARGV[4] ttl ms
 -- ('0' = never), ARGV[5] dimension, ARGV[6] max entries ('0' = unbounded), ARGV[7] scope
 -- digest, ARGV[8] key prefix, ARGV[9] log floor, ARGV[10] reap limit, ARGV[11] token
--- returns {1, entries evicted} once stored, or {0, stored dimension} (nothing written)
--- when the cache already holds vectors of another dimension
+-- returns {1, live entries evicted} once stored, or {0, stored dimension} (nothing
+-- written) when the cache already holds vectors of another dimension
+-- A bounded cache reaps expired entries of any scope before it evicts a live one (as
+-- many as the bound needs, plus up to the reap limit); those are not evictions.
+-- Replacing an entry deletes its promotions: they copy the value it replaces.
 """
     + _LUA_HELPERS
     + """
@@ -221,21 +275,14 @@ end
 if dim ~= ARGV[5] then
     redis.call('SET', KEYS[5], ARGV[5])
 end
-local function claim(key, kind)
-    -- garbage of another type under one of our keys is replaced, never written into
-    local found = redis.call('TYPE', key)['ok']
-    if found ~= 'none' and found ~= kind then
-        redis.call('UNLINK', key)
-        return true
-    end
-    return false
-end
 if claim(KEYS[1], 'hash') then
     redis.call('UNLINK', KEYS[2], KEYS[3])
 end
 claim(KEYS[2], 'stream')
 claim(KEYS[3], 'zset')
 claim(KEYS[6], 'zset')
+claim(KEYS[7], 'zset')
+drop_promotions(KEYS[8])
 
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -253,6 +300,7 @@ for _, digest in ipairs(expired) do
     remove_entry(base, digest, floor, token())
     if bounded then
         redis.call('ZREM', KEYS[6], ARGV[7] .. ':' .. digest)
+        redis.call('ZREM', KEYS[7], ARGV[7] .. ':' .. digest)
     end
 end
 
@@ -287,16 +335,38 @@ for i = 1, 3 do
     end
 end
 
+local function remove_member(member)
+    -- remove the entry a recency member 'S:D' names; true if it was there
+    local scope, digest = string.match(member, '^(%x+):(%x+)$')
+    return scope ~= nil and #scope == 64 and #digest == 64
+        and remove_entry(ARGV[8] .. ':s:' .. scope, digest, floor, token())
+end
+
 local evicted = 0
 if bounded then
-    redis.call('ZADD', KEYS[6], t[1] * 1000000 + t[2], ARGV[7] .. ':' .. ARGV[1])
+    local member = ARGV[7] .. ':' .. ARGV[1]
+    redis.call('ZADD', KEYS[6], t[1] * 1000000 + t[2], member)
+    if ttl > 0 then
+        redis.call('ZADD', KEYS[7], expires, member)
+    else
+        redis.call('ZREM', KEYS[7], member)
+    end
     local overflow = redis.call('ZCARD', KEYS[6]) - tonumber(ARGV[6])
+    -- expired entries of any scope still hold slots until reaped: they go first
+    local stale = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now,
+        'LIMIT', 0, math.max(overflow, 0) + tonumber(ARGV[10]))
+    for _, old in ipairs(stale) do
+        redis.call('ZREM', KEYS[7], old)
+        if redis.call('ZREM', KEYS[6], old) == 1 then
+            overflow = overflow - 1
+        end
+        remove_member(old)
+    end
     if overflow > 0 then
         local victims = redis.call('ZPOPMIN', KEYS[6], overflow)
         for i = 1, #victims, 2 do
-            local scope, digest = string.match(victims[i], '^(%x+):(%x+)$')
-            if scope and #scope == 64 and #digest == 64
-                    and remove_entry(ARGV[8] .. ':s:' .. scope, digest, floor, token()) then
+            redis.call('ZREM', KEYS[7], victims[i])
+            if remove_member(victims[i]) then
                 evicted = evicted + 1
             end
         end
@@ -308,9 +378,10 @@ return {1, evicted}
 
 INVALIDATE = (
     """
--- Remove one entry and log its removal.
+-- Remove one entry (and its promotions) and log its removal.
 -- KEYS[1] scope vectors (hash), KEYS[2] scope log (stream), KEYS[3] scope expiries (zset),
--- KEYS[4] entry value (string), KEYS[5] recency index (zset)
+-- KEYS[4] entry value (string), KEYS[5] recency index (zset), KEYS[6] expiry index
+-- (zset), KEYS[7] the entry's promotions (set)
 -- ARGV[1] entry digest, ARGV[2] scope key base ('p:s:S'), ARGV[3] recency member,
 -- ARGV[4] log floor, ARGV[5] token
 -- returns 1 if a live entry was removed, else 0
@@ -320,7 +391,59 @@ INVALIDATE = (
 local live = redis.call('EXISTS', KEYS[4])
 remove_entry(ARGV[2], ARGV[1], tonumber(ARGV[4]), ARGV[5])
 try('ZREM', KEYS[5], ARGV[3])
+try('ZREM', KEYS[6], ARGV[3])
 return live
+"""
+)
+
+LINK_PROMOTION = (
+    """
+-- Tie a promoted exact-cache entry to the entry it copies, so that it goes with it.
+-- KEYS[1] the entry's value (string), KEYS[2] the entry's promotions (set),
+-- KEYS[3] the promoted entry ('E:X', in a RedisExactCache on this server)
+-- returns 1 once tied (the promotion then expires no later than the entry), or 0 when
+-- the entry is gone (the promotion is deleted at once)
+"""
+    + _LUA_HELPERS
+    + """
+local left = redis.call('PTTL', KEYS[1])
+if left == -2 then
+    drop_promotion(KEYS[3])
+    return 0
+end
+claim(KEYS[2], 'set')
+redis.call('SADD', KEYS[2], KEYS[3])
+if left < 0 then
+    redis.call('PERSIST', KEYS[2])
+    return 1
+end
+redis.call('PEXPIRE', KEYS[2], left)
+local own = redis.call('PTTL', KEYS[3])
+if own == -1 or own > left then
+    -- put with the lifetime the entry had when it was read: trim it to what is left
+    redis.call('PEXPIRE', KEYS[3], left)
+    local prefix = exact_prefix(KEYS[3])
+    if prefix and try('ZSCORE', prefix .. ':lru', KEYS[3]) then
+        local t = redis.call('TIME')
+        try('ZADD', prefix .. ':lru:exp', t[1] * 1000 + math.floor(t[2] / 1000) + left, KEYS[3])
+    end
+end
+return 1
+"""
+)
+
+DROP_PROMOTIONS = (
+    """
+-- Delete the promotions recorded for some entries, and the records (clear()).
+-- KEYS[1..n] entries' promotions (sets)
+-- returns the number of records handled
+"""
+    + _LUA_HELPERS
+    + """
+for _, key in ipairs(KEYS) do
+    drop_promotions(key)
+end
+return #KEYS
 """
 )
 
