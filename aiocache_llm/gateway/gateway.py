@@ -39,6 +39,7 @@ from aiocache_llm.core.validation import (
     check_positive_number,
 )
 from aiocache_llm.gateway.budget import TokenBudget
+from aiocache_llm.gateway.request import MissRequest
 from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
 from aiocache_llm.gateway.streaming import (
     ChunkStream,
@@ -82,34 +83,6 @@ def _provider_stream_function(provider: Any) -> Callable[[Query], Any] | None:
     """The provider's ``stream(query)`` method, or None (then the callable is used)."""
     stream = getattr(provider, "stream", None)
     return stream if callable(stream) else None
-
-
-class _Request:
-    """One resolve's miss path: its query and key, provider call, user and cache control.
-
-    ``read`` says the exact cache was read and missed (False when skipped or down).
-    """
-
-    __slots__ = ("call", "digest", "no_store", "query", "read", "ttl", "user")
-
-    def __init__(
-        self,
-        query: Query,
-        digest: str,
-        call: ProviderCall,
-        user: str,
-        ttl: float | None,
-        *,
-        no_store: bool,
-        read: bool,
-    ) -> None:
-        self.query = query
-        self.digest = digest
-        self.call = call
-        self.user = user
-        self.ttl = ttl
-        self.no_store = no_store
-        self.read = read
 
 
 class InferenceGateway(AsyncResource):
@@ -499,12 +472,12 @@ class InferenceGateway(AsyncResource):
                         return value
                     value = None  # a streamed answer is never a plain request's answer
                 read = value is None
-            request = _Request(query, digest, call, user, ttl, no_store=no_store, read=read)
+            request = MissRequest(query, digest, call, user, ttl, no_store=no_store, read=read)
             return await self._coalesced_fill(request)
         finally:
             self._latency.add(time.perf_counter() - started)
 
-    async def _coalesced_fill(self, request: _Request) -> Any:
+    async def _coalesced_fill(self, request: MissRequest) -> Any:
         flight_key = (request.digest, request.read, request.no_store)
         for _ in range(_FOREIGN_REFUSAL_RETRIES):
             led = False
@@ -526,7 +499,7 @@ class InferenceGateway(AsyncResource):
             return value
         return await self._fill(request)
 
-    async def _fill(self, request: _Request) -> Any:
+    async def _fill(self, request: MissRequest) -> Any:
         """What one flight does: semantic lookup, then (fleet-coalesced) provider call."""
         query, digest = request.query, request.digest
         if self._semantic is not None and request.read:
@@ -551,7 +524,7 @@ class InferenceGateway(AsyncResource):
                 return value
         return await compute()
 
-    async def _call_and_store(self, request: _Request) -> Any:
+    async def _call_and_store(self, request: MissRequest) -> Any:
         budget = self._budget
         hold = await budget.reserve(request.query, request.user) if budget is not None else None
         self._provider_calls += 1

@@ -38,6 +38,7 @@ from aiocache_llm.core.errors import (
 )
 from aiocache_llm.core.query import Query, as_request
 from aiocache_llm.core.recorded import RecordedStream
+from aiocache_llm.gateway.request import MissRequest
 from aiocache_llm.gateway.tokens import StreamUsage
 
 if TYPE_CHECKING:
@@ -240,33 +241,6 @@ class ChunkStream:
         await self.aclose()
 
 
-class _StreamRequest:
-    """One stream's miss path: the query as given, its key, provider call, user, cache control."""
-
-    __slots__ = ("call", "digest", "key_query", "no_store", "query", "read", "ttl", "user")
-
-    def __init__(
-        self,
-        query: Query,
-        key_query: dict[str, Any],
-        digest: str,
-        call: StreamCall,
-        user: str,
-        ttl: float | None,
-        *,
-        no_store: bool,
-        read: bool,
-    ) -> None:
-        self.query = query
-        self.key_query = key_query
-        self.digest = digest
-        self.call = call
-        self.user = user
-        self.ttl = ttl
-        self.no_store = no_store
-        self.read = read
-
-
 class _ProviderStream:
     """The provider's stream for one flight: opened, read chunk by chunk, always closed."""
 
@@ -367,8 +341,8 @@ class StreamFlights:
         started = time.perf_counter()
 
         async def opener() -> _Replay | Subscription:
-            request = _StreamRequest(
-                query, key_query, digest, call, user, ttl, no_store=no_store, read=False
+            request = MissRequest(
+                query, digest, call, user, ttl, no_store=no_store, read=False, key_query=key_query
             )
             return await self._open(request, no_cache=no_cache)
 
@@ -377,7 +351,7 @@ class StreamFlights:
 
         return ChunkStream(opener, user, first_chunk)
 
-    async def _open(self, request: _StreamRequest, *, no_cache: bool) -> _Replay | Subscription:
+    async def _open(self, request: MissRequest, *, no_cache: bool) -> _Replay | Subscription:
         gateway = self._gateway
         if not no_cache:
             value = await gateway._exact_get(request.key_query, request.digest, _UNAVAILABLE)
@@ -441,7 +415,7 @@ class StreamFlights:
         for task in producers:
             task.cancel()
 
-    async def _produce(self, flight: StreamBroadcast, request: _StreamRequest) -> None:
+    async def _produce(self, flight: StreamBroadcast, request: MissRequest) -> None:
         try:
             await self._fill(flight, request)
         except asyncio.CancelledError:
@@ -451,7 +425,7 @@ class StreamFlights:
             # every consumer gets the error after the chunks it already has
             flight.fail(exc)
 
-    async def _fill(self, flight: StreamBroadcast, request: _StreamRequest) -> None:
+    async def _fill(self, flight: StreamBroadcast, request: MissRequest) -> None:
         gateway = self._gateway
         if gateway._semantic is not None and request.read:
             value, hit = await gateway._semantic_lookup(request.key_query)
@@ -481,14 +455,14 @@ class StreamFlights:
                 return
         await self._call_provider(flight, request)
 
-    async def _lookup(self, request: _StreamRequest) -> RecordedStream | None:
+    async def _lookup(self, request: MissRequest) -> RecordedStream | None:
         value = await self._gateway._exact_get(request.key_query, request.digest)
         return value if type(value) is RecordedStream else None
 
     async def _call_provider(
         self,
         flight: StreamBroadcast,
-        request: _StreamRequest,
+        request: MissRequest,
         mirror: StreamMirror | None = None,
     ) -> None:
         """Read the provider's stream into ``flight`` (and ``mirror``), then store it.
@@ -558,7 +532,7 @@ class StreamFlights:
                 f"the provider sent no chunk for {self._idle_timeout} s (stream_idle_timeout)"
             ) from exc
 
-    async def _store(self, request: _StreamRequest, recording: RecordedStream) -> None:
+    async def _store(self, request: MissRequest, recording: RecordedStream) -> None:
         gateway = self._gateway
         await gateway._exact_put(request.key_query, request.digest, recording, request.ttl)
         semantic = gateway._semantic
