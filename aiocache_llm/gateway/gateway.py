@@ -399,8 +399,6 @@ class InferenceGateway(AsyncResource):
         Rate limiting reserves the estimate before the provider stream starts and
         settles with the usage the stream reports (or an estimate from its text).
         """
-        self._check_open()
-        user, ttl = self._request_options(user_id, ttl_seconds)
         provider, provider_stream = self._provider, self._provider_stream
         if provider is None:
             raise InvalidInputTypeError(
@@ -411,7 +409,9 @@ class InferenceGateway(AsyncResource):
         else:
             request = streaming_request(query)
             call = lambda: provider(request)  # noqa: E731
-        return self._streams.open(query, call, user, no_cache=no_cache, no_store=no_store, ttl=ttl)
+        return self.stream_with(
+            query, call, user_id, no_cache=no_cache, no_store=no_store, ttl_seconds=ttl_seconds
+        )
 
     def stream_with(
         self,
