@@ -206,9 +206,16 @@ class ValueCodec:
                 raise CorruptEntryError("a recorded stream's chunk frame is truncated")
             size = _LENGTH.unpack_from(data, at + _KIND_LEN)[0]
             stop = at + _HEADER_LEN + size
-            if stop > end or data[at : at + _KIND_LEN] == _CHUNKS:
+            kind = data[at : at + _KIND_LEN]
+            if stop > end or kind == _CHUNKS:
                 raise CorruptEntryError("a recorded stream holds a malformed chunk frame")
-            chunks.append(self.decode(bytes(view[at:stop])))
+            if kind == _STR:  # text deltas, the usual chunk: no second frame check
+                try:
+                    chunks.append(str(view[at + _HEADER_LEN : stop], "utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise CorruptEntryError(f"stored chunk cannot be decoded: {exc}") from exc
+            else:
+                chunks.append(self.decode(bytes(view[at:stop])))
             at = stop
         return chunks
 

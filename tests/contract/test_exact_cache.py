@@ -137,6 +137,16 @@ async def test_recorded_streams_round_trip_in_order_with_their_types(
     assert await reader.get(QUERY) == RecordedStream(chunks)
 
 
+async def test_a_recording_of_text_chunks_comes_back_whole_after_a_caller_edits_it(
+    cache: AsyncExactCache,
+) -> None:
+    await cache.put(QUERY, RecordedStream(["Par", "is"]))
+    got = await cache.get(QUERY)
+    got.chunks.append("!")
+    got.chunks[0] = "Lyon"
+    assert await cache.get(QUERY) == RecordedStream(["Par", "is"])
+
+
 async def test_mutating_a_hit_does_not_change_the_cache(cache: AsyncExactCache) -> None:
     await cache.put(QUERY, {"answer": ["Paris"]})
     first = await cache.get(QUERY)

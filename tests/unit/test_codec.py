@@ -460,3 +460,10 @@ def test_copier_builds_equal_independent_copies_of_mutable_values(value: Any) ->
     assert second == value
     assert first is not second
     assert first is not value
+
+
+def test_a_recorded_text_chunk_that_is_not_utf8_is_corrupt() -> None:
+    data = bytearray(CODEC.encode(RecordedStream(["ab", "cd"])))
+    data[-1] = 0xFF  # inside the last chunk's text
+    with pytest.raises(CorruptEntryError):
+        CODEC.decode(bytes(data))

@@ -14,6 +14,7 @@ from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, IMMUTABLE_VALUE_TYPES, ValueCodec
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import check_optional_positive_number, check_size_limit
 
@@ -107,7 +108,11 @@ class MemoryExactCache(AsyncResource):
                 self._entries.move_to_end(digest)
                 self._hits += 1
                 # bytes is never a cached value type: bytes here means "encoded"
-                return self._codec.decode(stored) if type(stored) is bytes else stored
+                if type(stored) is bytes:
+                    return self._codec.decode(stored)
+                if type(stored) is tuple:  # a recording of text chunks, kept as is
+                    return RecordedStream(stored)
+                return stored
             del self._entries[digest]
         self._misses += 1
         return None
@@ -129,6 +134,9 @@ class MemoryExactCache(AsyncResource):
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
         data = self._codec.encode(value)  # validates, even when the object itself is kept
         stored = value if type(value) in IMMUTABLE_VALUE_TYPES else data
+        if type(value) is RecordedStream and all(type(c) is str for c in value.chunks):
+            # immutable chunks: a hit hands out a new list of them, nothing to decode
+            stored = tuple(value.chunks)
         now = self._clock()
         expires_at = _NEVER
         if ttl is not None:
