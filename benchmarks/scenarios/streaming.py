@@ -157,10 +157,12 @@ async def replayed_hits(ctx: Context, section: Section) -> None:
     )
     section.notes.append(
         "(a) a streamed hit hands out its first chunk once the cache has returned the "
-        "whole recording, decoded: in memory the first chunk took "
-        f"{statistics.median(timed['stream'][0]):.0f} µs, of which "
-        f"`MemoryExactCache.get` of the recording took {statistics.median(timed['get'][0]):.0f} "
-        "µs (it keeps a recording encoded and decodes its chunks on every hit)."
+        "whole recording: in memory the first chunk took "
+        f"{statistics.median(timed['stream'][0]):.1f} µs, of which "
+        f"`MemoryExactCache.get` of the recording took {statistics.median(timed['get'][0]):.1f} "
+        "µs (a recording of text chunks is kept as it is and a hit builds a new list of "
+        "them; one with mutable chunks is kept encoded and decoded on every hit). From "
+        "Redis the whole entry is read and decoded first."
     )
 
     # on Redis: a streamed hit against a raw GET of as many bytes as its entry
@@ -209,7 +211,7 @@ async def replayed_hits(ctx: Context, section: Section) -> None:
     )
 
 
-RECORDING_GET = "{}.get of the recording alone (reads and decodes all its chunks)"
+RECORDING_GET = "{}.get of the recording alone (reads all its chunks)"
 
 
 async def delete_prefix(raw: Redis, prefix: str) -> None:
