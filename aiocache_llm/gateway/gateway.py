@@ -359,7 +359,11 @@ class InferenceGateway(AsyncResource):
             stream = self.stream(
                 query, user_id, no_cache=no_cache, no_store=no_store, ttl_seconds=ttl_seconds
             )
-            return await stream.start()
+            try:
+                return await stream.start()
+            except BaseException:
+                await stream.aclose()  # nobody will read it: leave the shared stream now
+                raise
         return await self.resolve_with(
             query,
             lambda: provider(query),

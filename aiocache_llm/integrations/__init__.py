@@ -1,0 +1,13 @@
+"""Drop-in use of the gateway from the SDKs applications already call (optional extras).
+
+Each integration lives in its own module and imports its SDK only when that module is
+imported; without the SDK, the import raises :class:`ImportError` naming the extra to
+install:
+
+- :mod:`aiocache_llm.integrations.openai` (``pip install 'aiocache_llm[openai]'``):
+  ``OpenAIProvider(client)`` and ``wrap_openai(client, **gateway_options)``.
+
+Importing this package itself imports no SDK.
+"""
+
+__all__: list[str] = []

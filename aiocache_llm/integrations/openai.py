@@ -1,0 +1,512 @@
+"""The OpenAI SDK through the gateway (the ``aiocache_llm[openai]`` extra).
+
+::
+
+    from openai import AsyncOpenAI
+    from aiocache_llm.integrations.openai import wrap_openai
+
+    client = wrap_openai(AsyncOpenAI(), ttl_seconds=3600)
+    completion = await client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+    stream = await client.chat.completions.create(model=..., messages=[...], stream=True)
+    async for chunk in stream:  # ChatCompletionChunk objects
+        ...
+
+- :class:`OpenAIProvider` is a gateway provider (``complete``, ``stream``) over an
+  ``AsyncOpenAI``, for an :class:`InferenceGateway` built by hand.
+- :func:`wrap_openai` returns a :class:`CachedOpenAI`: ``chat.completions.create``
+  answers through an :class:`InferenceGateway` (its ``.gateway``) with the SDK's own
+  types, and every other attribute is the wrapped client's own (not cached).
+
+Per-request cache control is the one extra keyword ``cache=`` (see
+:class:`CacheOptions`), removed before the SDK call; every other argument reaches the
+SDK unchanged. Entries are filed under a *namespace* that defaults to the client's
+``base_url``, ``organization`` and ``project`` (never its API key), so clients of
+different endpoints, organizations or projects never share answers unless they are
+given the same ``namespace=``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, TypedDict, overload
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel
+
+from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
+from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
+from aiocache_llm.core.query import IGNORED_FIELDS, Query, as_request
+from aiocache_llm.core.validation import check_bool
+from aiocache_llm.gateway.gateway import InferenceGateway
+from aiocache_llm.gateway.streaming import ChunkStream
+
+try:
+    import openai
+    from openai import AsyncStream
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+except ImportError as exc:
+    raise ImportError(
+        "aiocache_llm.integrations.openai needs the openai package: "
+        "pip install 'aiocache_llm[openai]'"
+    ) from exc
+
+__all__ = [
+    "NAMESPACE_FIELD",
+    "STREAM_OPTIONS_FIELD",
+    "CacheOptions",
+    "CachedOpenAI",
+    "OpenAIProvider",
+    "default_namespace",
+    "openai_value_types",
+    "wrap_openai",
+]
+
+NAMESPACE_FIELD = "aiocache_llm_namespace"
+"""Added to every request's key by :func:`wrap_openai`: the wrapper's namespace."""
+
+STREAM_OPTIONS_FIELD = "aiocache_llm_stream_options"
+"""A streamed request's ``stream_options``, kept in its key under this name.
+
+``stream_options`` is among :data:`IGNORED_FIELDS`, but ``include_usage`` changes the
+chunks (a last chunk carrying the usage): a stream recorded without it must not answer
+a request that asks for it."""
+
+_CACHE_OPTIONS = frozenset({"no_cache", "no_store", "ttl_seconds", "user_id"})
+
+
+class CacheOptions(TypedDict, total=False):
+    """The ``cache=`` argument of :meth:`CachedCompletions.create`; every key optional.
+
+    - ``no_cache``: skip the cache reads (a fresh answer, still stored unless ``no_store``);
+    - ``no_store``: keep this answer out of the caches;
+    - ``ttl_seconds``: the lifetime of the entry this request stores;
+    - ``user_id``: whose rate-limit budget pays for a provider call (default: the
+      gateway's ``anonymous_user``).
+    """
+
+    no_cache: bool
+    no_store: bool
+    ttl_seconds: float | None
+    user_id: str | None
+
+
+def openai_value_types() -> tuple[type[BaseModel], ...]:
+    """The SDK types a cache must know to store OpenAI answers.
+
+    ``ChatCompletion``, ``ChatCompletionChunk`` and, when the installed SDK has it,
+    ``ParsedChatCompletion``.
+    """
+    types: list[type[BaseModel]] = [ChatCompletion, ChatCompletionChunk]
+    try:
+        from openai.types.chat import ParsedChatCompletion
+    except ImportError:  # pragma: no cover - SDKs before structured outputs
+        return tuple(types)
+    types.append(ParsedChatCompletion)
+    return tuple(types)
+
+
+def _check_client(client: object) -> None:
+    """Raise :class:`InvalidInputTypeError` unless ``client`` looks like an ``AsyncOpenAI``."""
+    if isinstance(client, CachedOpenAI):
+        raise InvalidInputTypeError(
+            "client is already wrapped by wrap_openai: pass the AsyncOpenAI client itself"
+        )
+    if isinstance(client, openai.OpenAI):
+        raise InvalidInputTypeError(
+            "client is the synchronous openai.OpenAI: the gateway needs an openai.AsyncOpenAI"
+        )
+    completions = getattr(getattr(client, "chat", None), "completions", None)
+    if not callable(getattr(completions, "create", None)):
+        raise InvalidInputTypeError(
+            "client must be an openai.AsyncOpenAI (an object with an async "
+            f"chat.completions.create), got {type(client).__name__}"
+        )
+
+
+def _sdk_request(query: Query) -> dict[str, Any]:
+    """The keyword arguments of one SDK call for a gateway query (a mapping or a model)."""
+    if isinstance(query, str):
+        raise InvalidInputTypeError(
+            "an OpenAI query must be a mapping of chat.completions.create arguments "
+            "(model, messages, ...), not a str"
+        )
+    return dict(query) if isinstance(query, Mapping) else as_request(query)
+
+
+class OpenAIProvider:
+    """A gateway provider over an ``openai.AsyncOpenAI`` (or a compatible client).
+
+    ``await provider.complete(query)`` is ``await client.chat.completions.create(**query)``
+    (a ``ChatCompletion``); ``await provider.stream(query)`` is the same call with
+    ``stream=True`` (the SDK's ``AsyncStream`` of ``ChatCompletionChunk``), which
+    :class:`InferenceGateway` uses for streamed requests. SDK errors propagate unchanged.
+    Register :attr:`value_types` with the caches that store its answers.
+
+    Raises :class:`InvalidInputTypeError` for a client without an async
+    ``chat.completions.create`` (the synchronous ``openai.OpenAI`` included).
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        _check_client(client)
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider({type(self._client).__name__})"
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client this provider calls."""
+        return self._client
+
+    @property
+    def value_types(self) -> tuple[type[BaseModel], ...]:
+        """The SDK types its answers are made of (see :func:`openai_value_types`)."""
+        return openai_value_types()
+
+    async def complete(self, query: Query) -> ChatCompletion:
+        """Return ``await client.chat.completions.create(**query)``.
+
+        Raises :class:`InvalidInputError` for a query asking for a stream (use
+        :meth:`stream`), :class:`InvalidInputTypeError` for a ``str`` query, and whatever
+        the SDK raises. Cancelling it cancels the HTTP request.
+        """
+        request = _sdk_request(query)
+        if request.get("stream") is True:
+            raise InvalidInputError("complete() cannot stream: use stream(query)")
+        create: Any = self._client.chat.completions.create
+        completion: ChatCompletion = await create(**request)
+        return completion
+
+    async def stream(self, query: Query) -> AsyncStream[ChatCompletionChunk]:
+        """Return the SDK's stream for ``query`` (``create(**query, stream=True)``).
+
+        The HTTP response is open once this returns: iterate the stream to its end or
+        close it (the gateway does both). Raises like :meth:`complete`, and errors met
+        mid-stream come out of the iteration (``openai.APIConnectionError`` and so on).
+        """
+        request = {**_sdk_request(query), "stream": True}
+        create: Any = self._client.chat.completions.create
+        stream: AsyncStream[ChatCompletionChunk] = await create(**request)
+        return stream
+
+
+def default_namespace(client: object) -> str:
+    """The namespace :func:`wrap_openai` files a client's entries under by default.
+
+    Built from the client's ``base_url`` (without credentials, query or fragment),
+    ``organization`` and ``project``; never from its API key or headers. Clients that
+    differ in any of the three never share entries.
+    """
+    base_url = str(getattr(client, "base_url", "") or "")
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets, or its port would be ambiguous
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    # a user:password@ in the URL is a credential, and a query may carry one too
+    url = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    organization = getattr(client, "organization", None)
+    project = getattr(client, "project", None)
+    identity = [url, organization, project]
+    return "openai:" + json.dumps(identity, separators=(",", ":"), default=str)
+
+
+def _cache_options(value: object) -> CacheOptions:
+    """Validate the ``cache=`` argument; raise before any I/O."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInputTypeError(
+            f"cache must be a mapping of cache options, got {type(value).__name__}"
+        )
+    unknown = set(value) - _CACHE_OPTIONS
+    if unknown:
+        raise InvalidInputError(
+            f"unknown cache options {sorted(map(str, unknown))}: expected some of "
+            f"{sorted(_CACHE_OPTIONS)}"
+        )
+    options: CacheOptions = {}
+    if "no_cache" in value:
+        options["no_cache"] = check_bool("cache['no_cache']", value["no_cache"])
+    if "no_store" in value:
+        options["no_store"] = check_bool("cache['no_store']", value["no_store"])
+    if "ttl_seconds" in value:
+        options["ttl_seconds"] = value["ttl_seconds"]  # checked by the gateway
+    if "user_id" in value:
+        options["user_id"] = value["user_id"]  # checked by the gateway
+    return options
+
+
+def _key_value(value: Any) -> Any:
+    """``value`` as JSON data for the key: models as the SDK sends them, tuples as lists."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, Mapping):
+        return {key: _key_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_value(item) for item in value]
+    return value
+
+
+def _is_one_shot(value: object) -> bool:
+    """An iterable the SDK accepts (messages, tools) that may be read only once."""
+    return isinstance(value, Iterable) and not isinstance(
+        value, (str, bytes, bytearray, Mapping, list, tuple, BaseModel)
+    )
+
+
+class CachedCompletions:
+    """``wrapped.chat.completions``: :meth:`create` goes through the gateway; every other
+    attribute (``parse``, ``with_raw_response``, ...) is the client's own, not cached."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: CachedOpenAI) -> None:
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._owner.client.chat.completions, name)
+
+    @overload
+    async def create(
+        self, *, stream: Literal[True], cache: CacheOptions | None = None, **kwargs: Any
+    ) -> ChunkStream: ...
+
+    @overload
+    async def create(
+        self,
+        *,
+        stream: Literal[False] | None = None,
+        cache: CacheOptions | None = None,
+        **kwargs: Any,
+    ) -> ChatCompletion: ...
+
+    @overload
+    async def create(
+        self, *, stream: bool, cache: CacheOptions | None = None, **kwargs: Any
+    ) -> ChatCompletion | ChunkStream: ...
+
+    async def create(
+        self, *, cache: CacheOptions | None = None, **kwargs: Any
+    ) -> ChatCompletion | ChunkStream:
+        """``client.chat.completions.create(**kwargs)``, answered through the gateway.
+
+        Returns a ``ChatCompletion`` (from the cache, a call in flight or the SDK), or,
+        with ``stream=True``, a :class:`ChunkStream` of ``ChatCompletionChunk`` that has
+        already received its first chunk (``stream = await create(..., stream=True)``,
+        then ``async for chunk in stream``; ``async with stream`` or
+        ``await stream.aclose()`` to stop early).
+
+        ``cache`` (see :class:`CacheOptions`) is removed before the SDK call; every other
+        argument reaches the SDK unchanged (``stream_options`` included). The key is the
+        request without the fields that never change the answer (``IGNORED_FIELDS``:
+        ``timeout``, ``extra_headers``, ``extra_query``, ``user``, ...) and without
+        arguments left ``openai.NOT_GIVEN``/``openai.omit``, plus the wrapper's namespace;
+        a streamed request also keeps its ``stream_options`` in its key.
+
+        Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for bad cache
+        options or a request that cannot be keyed (before any I/O),
+        :class:`RateLimitExceeded`, :class:`ProviderTimeoutError`, and whatever the SDK
+        raises (``openai.APIStatusError`` and so on; never cached). Cancelling the call
+        never cancels the SDK call other callers share.
+        """
+        options = _cache_options(cache)
+        owner = self._owner
+        stream = kwargs.get("stream")
+        if not (stream is None or type(stream) is bool or isinstance(stream, _UNSET_TYPES)):
+            raise InvalidInputTypeError(f"stream must be a bool, got {type(stream).__name__}")
+        # an iterator is read once for the key, so the SDK must get the same items
+        kwargs = {name: list(v) if _is_one_shot(v) else v for name, v in kwargs.items()}
+        key_query = owner.key_query(kwargs)
+        create: Any = owner.client.chat.completions.create
+        gateway = owner.gateway
+        if stream is True:
+            chunks = gateway.stream_with(
+                key_query,
+                lambda: create(**kwargs),
+                options.get("user_id"),
+                no_cache=options.get("no_cache", False),
+                no_store=options.get("no_store", False),
+                ttl_seconds=options.get("ttl_seconds"),
+            )
+            # as the SDK's create(stream=True): errors before the first chunk raise here
+            try:
+                return await chunks.start()
+            except BaseException:
+                # cancelled or failed before the caller got it: nobody will read or close
+                # it, and an open consumer would keep a shared stream from being abandoned
+                await chunks.aclose()
+                raise
+        completion: ChatCompletion = await gateway.resolve_with(
+            key_query,
+            lambda: create(**kwargs),
+            options.get("user_id"),
+            no_cache=options.get("no_cache", False),
+            no_store=options.get("no_store", False),
+            ttl_seconds=options.get("ttl_seconds"),
+        )
+        return completion
+
+
+_UNSET_TYPES = (openai.NotGiven, openai.Omit)
+
+
+class CachedChat:
+    """``wrapped.chat``: ``completions`` is cached, every other attribute is the client's."""
+
+    __slots__ = ("_owner", "completions")
+
+    def __init__(self, owner: CachedOpenAI) -> None:
+        self._owner = owner
+        self.completions = CachedCompletions(owner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._owner.client.chat, name)
+
+
+class CachedOpenAI:
+    """What :func:`wrap_openai` returns: an ``AsyncOpenAI`` whose chat completions are cached.
+
+    ``chat.completions.create`` answers through :attr:`gateway`; any other attribute
+    (``models``, ``embeddings``, ``with_options``, ``api_key``, ...) is the wrapped
+    client's own and is not cached. ``aclose()`` (or leaving ``async with``) closes the
+    gateway and the cache built for it; the wrapped client stays open: it is the
+    caller's (close it with ``await wrapped.client.close()``).
+    """
+
+    __slots__ = ("_cache", "_client", "_gateway", "_namespace", "chat")
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        gateway: InferenceGateway,
+        namespace: str,
+        owned_cache: MemoryExactCache | None,
+    ) -> None:
+        self._client = client
+        self._gateway = gateway
+        self._namespace = namespace
+        self._cache = owned_cache
+        self.chat = CachedChat(self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in CachedOpenAI.__slots__:
+            raise AttributeError(name)
+        return getattr(self._client, name)
+
+    def __repr__(self) -> str:
+        return f"CachedOpenAI(namespace={self._namespace!r}, gateway={self._gateway!r})"
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The wrapped SDK client."""
+        return self._client
+
+    @property
+    def gateway(self) -> InferenceGateway:
+        """The gateway every ``chat.completions.create`` goes through (stats, lifecycle).
+
+        Requests made on it directly are keyed without this wrapper's namespace: go
+        through ``chat.completions.create`` to share this wrapper's entries.
+        """
+        return self._gateway
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this wrapper's entries are filed under."""
+        return self._namespace
+
+    def key_query(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The query that files ``create(**kwargs)`` in the caches (``cache=`` excluded).
+
+        Arguments left ``NOT_GIVEN``/``omit`` are dropped, pydantic models become the
+        JSON the SDK sends, the namespace is added and, for a stream, its
+        ``stream_options``. Fields in ``IGNORED_FIELDS`` are kept here (the cache's
+        normalizer drops them, a custom ``normalize=`` sees them).
+        """
+        key: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if isinstance(value, _UNSET_TYPES):
+                continue
+            key[name] = value if name in IGNORED_FIELDS else _key_value(value)
+        key[NAMESPACE_FIELD] = self._namespace
+        stream_options = key.get("stream_options")
+        if key.get("stream") is True and stream_options is not None:
+            key[STREAM_OPTIONS_FIELD] = _key_value(stream_options)
+        return key
+
+    async def aclose(self) -> None:
+        """Close the gateway and the cache built for it (idempotent); not the client."""
+        await self._gateway.aclose()
+        if self._cache is not None:
+            await self._cache.aclose()
+
+    async def __aenter__(self) -> CachedOpenAI:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _register_types(cache: object, types: Iterable[type[BaseModel]]) -> None:
+    """Teach a cache's codec the SDK types, if it has one that can learn (a capability)."""
+    register = getattr(getattr(cache, "codec", None), "register", None)
+    if callable(register):
+        for cls in types:
+            register(cls)
+
+
+def wrap_openai(
+    client: openai.AsyncOpenAI, *, namespace: str | None = None, **gateway_options: Any
+) -> CachedOpenAI:
+    """Return ``client`` with its chat completions answered through an :class:`InferenceGateway`.
+
+    ``gateway_options`` are :class:`InferenceGateway`'s keyword arguments
+    (``exact_cache``, ``semantic_cache``, ``rate_limiter``, ``ttl_seconds``, ...); the
+    provider is an :class:`OpenAIProvider` over ``client``. Without ``exact_cache``, a
+    :class:`MemoryExactCache` is built (with ``normalize=`` when given) that knows the
+    SDK types, closed by ``aclose()``. A cache passed in is taught the SDK types when it
+    exposes a ``codec`` with ``register(cls)`` (both exact caches of this library do),
+    so a :class:`RedisExactCache` needs no ``value_types``; other caches are used as is.
+
+    ``namespace`` (default :func:`default_namespace`: the client's ``base_url``,
+    ``organization`` and ``project``, never its API key) is added to every key: give
+    several clients the same ``namespace`` to let them share entries.
+
+    Raises :class:`InvalidInputTypeError` for a client that is not an ``AsyncOpenAI``
+    and :class:`InvalidInputError` for a bad namespace or option (as the gateway does).
+    """
+    _check_client(client)
+    if "provider" in gateway_options:
+        raise InvalidInputError("wrap_openai builds the provider from the client: drop provider=")
+    if namespace is None:
+        namespace = default_namespace(client)
+    elif type(namespace) is not str:
+        raise InvalidInputTypeError(f"namespace must be a str, got {type(namespace).__name__}")
+    elif not namespace:
+        raise InvalidInputError("namespace must not be empty")
+    provider = OpenAIProvider(client)
+    types = provider.value_types
+    owned: MemoryExactCache | None = None
+    if gateway_options.get("exact_cache") is None:
+        normalize = gateway_options.pop("normalize", None)
+        owned = MemoryExactCache(value_types=types, normalize=normalize)
+        gateway_options["exact_cache"] = owned
+    for name in ("exact_cache", "semantic_cache"):
+        _register_types(gateway_options.get(name), types)
+    gateway = InferenceGateway(provider, **gateway_options)
+    return CachedOpenAI(client, gateway, namespace, owned)
