@@ -53,6 +53,7 @@ from aiocache_llm.gateway.warm import WarmFailure, WarmReport
 from aiocache_llm.protocols import (
     AsyncChatMemory,
     AsyncExactCache,
+    AsyncMessageChatMemory,
     AsyncRateLimiter,
     AsyncReservingRateLimiter,
     AsyncSemanticCache,
@@ -85,6 +86,7 @@ __all__ = [
     "AsyncSemanticCache",
     "AsyncRateLimiter",
     "AsyncChatMemory",
+    "AsyncMessageChatMemory",
     "AsyncReservingRateLimiter",
     "AsyncUsageRecordingRateLimiter",
     "Reservation",

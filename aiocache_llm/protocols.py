@@ -8,11 +8,14 @@ on any object that has the methods. Two more rate-limiter protocols name optiona
 capabilities (both limiters have them): :class:`AsyncReservingRateLimiter` (grants
 returned as :class:`Reservation` handles, so a call gives back only what it reserved)
 and :class:`AsyncUsageRecordingRateLimiter` (tokens used beyond a reservation are
-recorded even past the budget).
+recorded even past the budget). :class:`AsyncMessageChatMemory` is the optional
+capability of holding whole chat messages (tool calls and results); both chat memories
+have it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +25,7 @@ from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStat
 
 __all__ = [
     "AsyncChatMemory",
+    "AsyncMessageChatMemory",
     "AsyncExactCache",
     "AsyncRateLimiter",
     "AsyncReservingRateLimiter",
@@ -175,4 +179,21 @@ class AsyncChatMemory(_AsyncClosable, Protocol):
 
     async def stats(self) -> ChatMemoryStats:
         """Return a frozen snapshot of the counters."""
+        ...
+
+
+@runtime_checkable
+class AsyncMessageChatMemory(AsyncChatMemory, Protocol):
+    """A chat memory that holds whole OpenAI/Anthropic messages, tool calls included.
+
+    Both chat memories have it. A trim never leaves a history that begins with a tool
+    result or holds results whose assistant tool call was trimmed.
+    """
+
+    async def append_message(self, conv_id: str, message: Mapping[str, Any]) -> None:
+        """Append one message dict, stored and returned as given; atomically."""
+        ...
+
+    async def append_messages(self, conv_id: str, messages: Iterable[Mapping[str, Any]]) -> None:
+        """Append message dicts (a tool call and its results) in one atomic step."""
         ...

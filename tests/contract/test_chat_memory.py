@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from aiocache_llm import (
     DEFAULT_ROLES,
     AsyncChatMemory,
+    AsyncMessageChatMemory,
     BackendUnavailableError,
     ChatMemoryConfig,
     ClosedResourceError,
@@ -27,6 +28,8 @@ from aiocache_llm import (
     RedisChatMemory,
     ValueTooLargeError,
 )
+from aiocache_llm.backends.chat_messages import CONTINUATION_PREFIXES
+from aiocache_llm.backends.redis.chat_memory import APPEND_MESSAGES
 from tests.conftest import Backend
 
 CONV = "conv-ü-🦜:with colon"
@@ -515,6 +518,432 @@ async def test_memory_default_clock_is_real_time() -> None:
     assert await memory.get_history(CONV) == []
 
 
+# Whole messages: tool calls and their results (AsyncMessageChatMemory).
+
+
+def call(call_id: str, name: str = "get_weather") -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": orjson.dumps({"city": call_id}).decode()},
+    }
+
+
+def openai_round(n: int) -> list[dict[str, Any]]:
+    """user -> assistant tool call (content None) -> two tool results -> assistant answer."""
+    first, second = f"call_{n}a", f"call_{n}b"
+    return [
+        {"role": "user", "content": f"weather {n}?"},
+        {"role": "assistant", "content": None, "tool_calls": [call(first), call(second)]},
+        {"role": "tool", "tool_call_id": first, "content": f"sunny {n}"},
+        {"role": "tool", "tool_call_id": second, "content": [{"type": "text", "text": "rain"}]},
+        {"role": "assistant", "content": f"answer {n}", "refusal": None},
+    ]
+
+
+def anthropic_round(n: int) -> list[dict[str, Any]]:
+    """user -> assistant text + tool_use -> user tool_result blocks -> assistant text."""
+    use = f"toolu_{n}"
+    return [
+        {"role": "user", "content": [{"type": "text", "text": f"weather {n}?"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": use, "name": "get_weather", "input": {"n": n}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": use, "content": "sunny"},
+                {"type": "tool_result", "tool_use_id": use, "content": [], "is_error": True},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": f"answer {n}"}]},
+    ]
+
+
+def is_tool_result(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return message["role"] == "tool" or (
+        message["role"] == "user"
+        and isinstance(content, list)
+        and bool(content)
+        and all(part.get("type") == "tool_result" for part in content)
+    )
+
+
+def assert_replayable(history: list[dict[str, Any]]) -> None:
+    """What the OpenAI and Anthropic APIs require of tool messages in a history."""
+    assert not history or not is_tool_result(history[0]), history[0]
+    called: set[str] = set()
+    for message in history:
+        for tool_call in message.get("tool_calls") or []:
+            called.add(tool_call["id"])
+        content = message.get("content")
+        if isinstance(content, list):
+            called |= {p["id"] for p in content if p.get("type") == "tool_use"}
+            for part in content:
+                if part.get("type") == "tool_result":
+                    assert part["tool_use_id"] in called, f"orphan tool_result {part}"
+        if message["role"] == "tool":
+            assert message["tool_call_id"] in called, f"orphan tool result {message}"
+
+
+def expected_history(appended: list[dict[str, Any]], kept: int, keep: int) -> int:
+    """How many messages the trim rule keeps after an append (written apart from the code)."""
+    if kept <= keep:
+        return kept
+    window = appended[len(appended) - keep :]
+    for index, message in enumerate(window):
+        if not is_tool_result(message):
+            return keep - index
+    raise AssertionError("the test never appends a window of only tool results")
+
+
+def same_json(left: object, right: object) -> bool:
+    """Equal, key order included (providers see key order: prompt caching, diffs)."""
+    return orjson.dumps(left) == orjson.dumps(right)
+
+
+async def test_is_an_async_message_chat_memory(memory: AsyncChatMemory) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    assert not isinstance(object(), AsyncMessageChatMemory)
+
+
+@pytest.mark.parametrize("max_turns", [2, 3, 5])
+@pytest.mark.parametrize("shape", ["openai", "anthropic"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
+async def test_a_tool_conversation_replays_exactly_and_never_starts_with_a_tool_result(
+    make_memory: Factory, max_turns: int, shape: str, batched: bool
+) -> None:
+    memory = make_memory(config=ChatMemoryConfig(max_turns=max_turns))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    keep = 2 * max_turns
+    appended: list[dict[str, Any]] = []
+    kept = 0
+    trimmed_below_the_bound = False
+    for n in range(6):
+        messages = openai_round(n) if shape == "openai" else anthropic_round(n)
+        # a call and its results go in together when batched, one by one otherwise
+        steps = (
+            [messages[:1], messages[1:-1], messages[-1:]]
+            if batched
+            else [[message] for message in messages]
+        )
+        for step in steps:
+            if len(step) == 1 and not batched:
+                await memory.append_message(CONV, step[0])
+            else:
+                await memory.append_messages(CONV, step)
+            appended += step
+            kept = expected_history(appended, kept + len(step), keep)
+            history = await memory.get_history(CONV)
+            assert len(history) == kept <= keep
+            trimmed_below_the_bound |= kept < keep and len(appended) > keep
+            assert_replayable(history)
+            # exactly the newest messages, each as given: same keys, same order
+            assert same_json(history, appended[len(appended) - kept :])
+    assert len(appended) > 2 * keep
+    # one by one, the window meets every position: some trims must go past tool results
+    assert trimmed_below_the_bound or batched
+
+
+async def test_a_message_comes_back_exactly_as_given(memory: AsyncChatMemory) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    given = [
+        {"content": "key order is kept", "role": "system"},
+        {"role": "developer", "content": "and extra keys", "cache_control": {"type": "ephemeral"}},
+        {"role": "user", "name": "alice", "content": [{"type": "text", "text": "hi"}]},
+        {"tool_calls": [call("c1")], "role": "assistant"},  # content left out: kept out
+        {"role": "tool", "tool_call_id": "c1", "content": ""},
+        {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+        {"role": "user", "content": {"seed": "dict content"}},
+    ]
+    for message in given:
+        await memory.append_message(CONV, message)
+    history = await memory.get_history(CONV)
+    assert same_json(history, given)
+    assert "content" not in history[3]
+    # fresh copies: changing the result or the argument changes nothing stored
+    history[3]["tool_calls"][0]["id"] = "changed"
+    given[2]["content"][0]["text"] = "changed"
+    assert (await memory.get_history(CONV))[3]["tool_calls"][0]["id"] == "c1"
+    assert (await memory.get_history(CONV))[2]["content"][0]["text"] == "hi"
+    assert (await memory.stats()).appended == len(given)
+
+
+async def test_the_seed_form_and_a_seed_shaped_message_are_the_same_message(
+    memory: AsyncChatMemory,
+) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    await memory.append(CONV, "user", "hi")
+    await memory.append_message(CONV, user("hi"))
+    await memory.append(CONV, "user", [{"type": "tool_result", "tool_use_id": "x"}])
+    first, second, third = await memory.get_history(CONV)
+    assert first == second == user("hi")
+    assert list(third) == ["role", "content"]
+
+
+async def test_an_assistant_reply_without_content_needs_what_carries_it(
+    memory: AsyncChatMemory,
+) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    await memory.append(CONV, "user", "kept")
+    # (role, content) has no room for tool_calls: None would be a reply with nothing in it
+    with pytest.raises(InvalidInputTypeError, match="append_message"):
+        await memory.append(CONV, "assistant", None)
+    for message in (
+        {"role": "assistant", "content": None},
+        {"role": "assistant"},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": None, "tool_calls": [call("c")]},
+    ):
+        with pytest.raises(InvalidInputError, match="content"):
+            await memory.append_message(CONV, message)
+    assert await memory.get_history(CONV) == [user("kept")]
+    reply = {"role": "assistant", "content": None, "tool_calls": [call("c")]}
+    await memory.append_message(CONV, reply)
+    assert await memory.get_history(CONV) == [user("kept"), reply]
+
+
+BAD_MESSAGES: dict[str, tuple[Any, type[Exception], str]] = {
+    "list": ([user("hi")], InvalidInputTypeError, "message must be a dict"),
+    "str": ("hi", InvalidInputTypeError, "message must be a dict"),
+    "none": (None, InvalidInputTypeError, "message must be a dict"),
+    "no-role": ({"content": "hi"}, InvalidInputError, "role"),
+    "unknown-role": ({"role": "wizard", "content": "hi"}, InvalidInputError, "role must be one"),
+    "int-role": ({"role": 1, "content": "hi"}, InvalidInputTypeError, "role"),
+    "tool-call-id-int": (
+        {"role": "tool", "tool_call_id": 7, "content": "x"},
+        InvalidInputTypeError,
+        "tool_call_id",
+    ),
+    "name-none": ({"role": "user", "name": None, "content": "x"}, InvalidInputTypeError, "name"),
+    "content-int": ({"role": "user", "content": 5}, InvalidInputTypeError, "content"),
+    "content-bytes": ({"role": "user", "content": b"x"}, InvalidInputTypeError, "content"),
+    "content-tuple": ({"role": "user", "content": ("a",)}, InvalidInputTypeError, "content"),
+    "user-none": ({"role": "user", "content": None}, InvalidInputError, "content"),
+    "tool-calls-dict": (
+        {"role": "assistant", "content": "x", "tool_calls": {"id": "c"}},
+        InvalidInputTypeError,
+        "tool_calls",
+    ),
+    "tool-calls-none": (
+        {"role": "assistant", "content": "x", "tool_calls": None},
+        InvalidInputTypeError,
+        "exclude_none",
+    ),
+    "tool-calls-of-str": (
+        {"role": "assistant", "content": None, "tool_calls": ["c"]},
+        InvalidInputTypeError,
+        "tool_calls",
+    ),
+    "nan-in-arguments": (
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "x": float("nan")}]},
+        InvalidInputError,
+        "non-finite",
+    ),
+    "inf-in-part": (
+        {"role": "user", "content": [{"type": "text", "score": float("inf")}]},
+        InvalidInputError,
+        "non-finite",
+    ),
+    "nested-tuple": (
+        {"role": "user", "content": [{"type": "x", "v": (1, 2)}]},
+        InvalidInputError,
+        "round trip",
+    ),
+    "set": ({"role": "user", "content": "x", "meta": {1, 2}}, InvalidInputTypeError, "message"),
+    "int-key": ({"role": "user", "content": "x", 1: "y"}, InvalidInputTypeError, "message"),
+    "surrogate": (
+        {"role": "user", "content": "x", "name": "\ud800"},
+        InvalidInputError,
+        "Unicode",
+    ),
+}
+
+
+@pytest.mark.parametrize(("message", "error", "match"), BAD_MESSAGES.values(), ids=BAD_MESSAGES)
+async def test_a_bad_message_raises_and_changes_nothing(
+    memory: AsyncChatMemory, message: Any, error: type[Exception], match: str
+) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    await memory.append(CONV, "user", "kept")
+    with pytest.raises(error, match=match):
+        await memory.append_message(CONV, message)
+    # in a batch, one bad message refuses the whole batch
+    good = {"role": "assistant", "content": "fine"}
+    with pytest.raises(error, match=match):
+        await memory.append_messages(CONV, [good, message])
+    with pytest.raises(error, match=match):
+        await memory.append_messages(OTHER_CONV, [good, message])
+    assert await memory.get_history(CONV) == [user("kept")]
+    assert await memory.get_history(OTHER_CONV) == []
+    assert (await memory.stats()).appended == 1
+
+
+@pytest.mark.parametrize(
+    "messages", ["hi", b"hi", user("hi"), 42, None], ids=["str", "bytes", "dict", "int", "none"]
+)
+async def test_append_messages_takes_a_list_of_messages(
+    memory: AsyncChatMemory, messages: Any
+) -> None:
+    assert isinstance(memory, AsyncMessageChatMemory)
+    with pytest.raises(InvalidInputTypeError, match="messages must be a list"):
+        await memory.append_messages(CONV, messages)
+    assert await memory.get_history(CONV) == []
+
+
+async def test_an_oversized_message_raises_value_too_large(make_memory: Factory) -> None:
+    memory = make_memory(max_message_bytes=200)
+    assert isinstance(memory, AsyncMessageChatMemory)
+    big = {"role": "assistant", "content": None, "tool_calls": [call("x" * 200)]}
+    with pytest.raises(ValueTooLargeError, match="max_message_bytes=200"):
+        await memory.append_messages(CONV, [user("q"), big])
+    assert await memory.get_history(CONV) == []
+
+
+async def test_appending_no_messages_does_nothing(make_memory: Factory, backend: Backend) -> None:
+    memory = make_memory(config=ChatMemoryConfig(ttl_seconds=1))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    await memory.append_messages(CONV, [])
+    await memory.append_messages(CONV, iter([]))
+    assert await memory.get_history(CONV) == []
+    assert (await memory.stats()).appended == 0
+    await memory.append(CONV, "user", "q")
+    await backend.wait(0.6)
+    await memory.append_messages(CONV, [])  # appends nothing, so refreshes nothing
+    await backend.wait(0.6)
+    assert await memory.get_history(CONV) == []
+
+
+async def test_a_large_batch_is_appended_whole_and_trimmed_like_single_appends(
+    make_memory: Factory,
+) -> None:
+    memory = make_memory(config=ChatMemoryConfig(max_turns=1000))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    batch = [user(f"m{i}") for i in range(2500)]  # more than one Lua unpack slice
+    await memory.append_messages(CONV, batch[:1500])
+    assert await memory.get_history(CONV) == batch[:1500]
+    await memory.append_messages(CONV, batch[1500:])
+    assert await memory.get_history(CONV) == batch[-2000:]
+    await memory.clear(CONV)
+    await memory.append_messages(CONV, batch)
+    assert await memory.get_history(CONV) == batch[-2000:]
+    assert (await memory.stats()).appended == 5000
+
+
+async def test_a_call_with_more_results_than_the_bound_is_refused_whole(
+    make_memory: Factory,
+) -> None:
+    memory = make_memory(config=ChatMemoryConfig(max_turns=1))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    question, tool_call, first, second, _ = openai_round(0)
+    await memory.append_message(CONV, question)
+    # keeping the newest two would keep two results without their call
+    with pytest.raises(InvalidInputError, match="nothing appended"):
+        await memory.append_messages(CONV, [tool_call, first, second])
+    assert await memory.get_history(CONV) == [question]
+    await memory.append_messages(CONV, [tool_call, first])
+    assert await memory.get_history(CONV) == [tool_call, first]
+    with pytest.raises(InvalidInputError, match="nothing appended"):
+        await memory.append_message(CONV, second)
+    assert await memory.get_history(CONV) == [tool_call, first]
+    assert (await memory.stats()).appended == 3
+
+
+async def test_a_tool_result_appended_first_is_kept_until_a_trim(make_memory: Factory) -> None:
+    # within the bound nothing is dropped: the seed form allowed a lone tool message
+    memory = make_memory(config=ChatMemoryConfig(max_turns=2))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    result = {"role": "tool", "tool_call_id": "lost", "content": "42"}
+    await memory.append_message(CONV, result)
+    await memory.append(CONV, "tool", "seed-form tool message")
+    await memory.append(CONV, "user", "q")
+    await memory.append(CONV, "assistant", "a")
+    assert len(await memory.get_history(CONV)) == 4
+    await memory.append(CONV, "user", "q2")
+    # one over the bound: the trim goes past both tool messages, to the user message
+    assert await memory.get_history(CONV) == [user("q"), assistant("a"), user("q2")]
+
+
+async def test_concurrent_tool_calls_stay_whole_and_histories_stay_replayable(
+    make_memory: Factory, backend: Backend
+) -> None:
+    writers, rounds, max_turns = 4, 12, 3
+    config = ChatMemoryConfig(max_turns=max_turns)
+    shared = make_memory(config=config)
+    memories = [
+        shared if backend.is_memory else make_memory(config=config, own_client=True)
+        for _ in range(writers)
+    ]
+    done = asyncio.Event()
+    seen = 0
+
+    async def write(writer: int) -> None:
+        memory = memories[writer]
+        assert isinstance(memory, AsyncMessageChatMemory)
+        for n in range(rounds):
+            call_id = f"{writer}-{n}"
+            await memory.append_message(CONV, user(call_id))
+            await asyncio.sleep(0)
+            await memory.append_messages(
+                CONV,
+                [
+                    {"role": "assistant", "content": None, "tool_calls": [call(call_id)]},
+                    {"role": "tool", "tool_call_id": call_id, "content": "ok"},
+                ],
+            )
+            await asyncio.sleep(0)
+
+    async def read() -> None:
+        nonlocal seen
+        while not done.is_set():
+            history = await shared.get_history(CONV)
+            assert len(history) <= 2 * max_turns
+            assert_replayable(history)
+            seen += 1
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(read())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    done.set()
+    await reader
+    assert seen > 0
+    history = await shared.get_history(CONV)
+    assert_replayable(history)
+    for index, message in enumerate(history):
+        # a call and its result were appended in one step: always next to each other
+        if message.get("tool_calls"):
+            assert history[index + 1]["tool_call_id"] == message["tool_calls"][0]["id"]
+    total = sum([(await m.stats()).appended for m in set(memories)])
+    assert total == writers * rounds * 3
+
+
+async def test_a_replayed_history_is_accepted_by_the_openai_sdk(make_memory: Factory) -> None:
+    from tests.support.openai_server import FakeOpenAIServer
+
+    memory = make_memory(config=ChatMemoryConfig(max_turns=3))
+    assert isinstance(memory, AsyncMessageChatMemory)
+    for n in range(3):
+        question, tool_call, *results, answer = openai_round(n)
+        await memory.append_message(CONV, question)
+        await memory.append_messages(CONV, [tool_call, *results])
+        await memory.append_message(CONV, answer)
+    history = await memory.get_history(CONV)
+    assert history[0]["role"] == "assistant"  # the trim cut into round 1's tool results
+    async with FakeOpenAIServer() as server:
+        client = server.client()
+        completion = await client.chat.completions.create(
+            model="gpt-test", messages=[*history, user("and tomorrow?")]
+        )
+        assert completion.choices[0].message.content == "Echo: and tomorrow?"
+        # the SDK sent the stored messages as they are
+        assert server.bodies[-1]["messages"][:-1] == history
+
+
 # Redis only: the data layout, and what other writers or a dead server do to us.
 
 
@@ -546,6 +975,59 @@ async def test_conversation_is_a_list_of_plain_json_under_prefix_colon_id(
     assert await backend.redis.client.exists(key) == 0
 
 
+async def test_whole_messages_are_tagged_and_seed_shaped_ones_keep_the_seed_form(
+    redis_memory: RedisChatMemory, backend: Backend
+) -> None:
+    assert backend.redis is not None
+    question, tool_call, result, *_ = openai_round(0)
+    await redis_memory.append(CONV, "user", "hi")
+    await redis_memory.append_messages(CONV, [question, tool_call, result])
+    await redis_memory.append(CONV, "tool", "a seed-form tool message")
+    blocks = [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]
+    await redis_memory.append(CONV, "user", blocks)
+    stored = await backend.redis.client.lrange(redis_memory.key(CONV), 0, -1)
+    # plain JSON every element; the seed form (what earlier versions read) where it can be
+    assert [orjson.loads(item) for item in stored] == [
+        user("hi"),
+        question,
+        {"may_start": True, "message": tool_call},
+        {"may_start": False, "message": result},
+        {"role": "tool", "content": "a seed-form tool message"},
+        {"may_start": False, "message": user(blocks)},
+    ]
+    assert stored[1] == stored[0].replace(b'"hi"', b'"weather 0?"')
+
+
+async def test_histories_written_by_earlier_versions_are_read_and_trimmed(
+    make_memory: Factory, backend: Backend
+) -> None:
+    if backend.redis is None:
+        pytest.skip("Redis backends only")
+    memory = make_memory(config=ChatMemoryConfig(max_turns=2))
+    assert isinstance(memory, RedisChatMemory)
+    # exactly the bytes the seed version wrote: {"role","content"}, compact, in order
+    legacy = [
+        b'{"role":"user","content":"q0"}',
+        b'{"role":"tool","content":{"result":42}}',
+        b'{"role":"user","content":"q"}',
+        b'{"role":"assistant","content":[{"type":"text","text":"a"}]}',
+    ]
+    await backend.redis.client.rpush(memory.key(CONV), *legacy)
+    assert await memory.get_history(CONV) == [orjson.loads(item) for item in legacy]
+    await memory.append(CONV, "user", "q2")
+    # one over the bound: the trim goes past the legacy tool message, as past a new one
+    assert await memory.get_history(CONV) == [
+        user("q"),
+        assistant([{"type": "text", "text": "a"}]),
+        user("q2"),
+    ]
+
+
+def test_the_lua_script_and_python_share_the_continuation_prefixes() -> None:
+    for prefix in CONTINUATION_PREFIXES:
+        assert f"'{prefix.decode()}'" in APPEND_MESSAGES
+
+
 class _Explodes:
     def __reduce__(self) -> tuple[Any, ...]:
         return (pytest.fail, ("a pickle stored in Redis was unpickled",))
@@ -566,6 +1048,10 @@ class _Explodes:
         b'{"role": 1, "content": "hi"}',
         b'{"role": "user", "content": 5}',
         b'{"role": "user", "content": NaN}',
+        b'{"may_start": 1, "message": {"role": "user", "content": "hi"}}',
+        b'{"may_start": true, "message": "hi"}',
+        b'{"may_start": true, "message": {"content": "no role"}}',
+        b'{"may_start": true, "message": {"role": "user"}, "extra": 1}',
     ],
     ids=[
         "empty",
@@ -580,6 +1066,10 @@ class _Explodes:
         "int-role",
         "int-content",
         "nan",
+        "int-flag",
+        "str-message",
+        "tagged-no-role",
+        "tagged-extra-key",
     ],
 )
 async def test_a_foreign_element_raises_corrupt_entry_naming_its_position(
@@ -607,6 +1097,8 @@ async def test_a_non_list_under_our_key_raises_corrupt_entry_and_stays(
     await backend.redis.client.set(key, b"someone else's string", px=60_000)
     with pytest.raises(CorruptEntryError, match="not a list"):
         await redis_memory.append(CONV, "user", "hi")
+    with pytest.raises(CorruptEntryError, match="not a list"):
+        await redis_memory.append_messages(CONV, [user("hi"), assistant("a")])
     with pytest.raises(CorruptEntryError, match="conv-ü"):
         await redis_memory.get_history(CONV)
     assert await backend.redis.client.get(key) == b"someone else's string"

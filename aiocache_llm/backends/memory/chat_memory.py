@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from aiocache_llm.backends.chat_messages import ChatMessageCodec, check_config, check_conv_id
+from aiocache_llm.backends.chat_messages import (
+    ChatMessageCodec,
+    check_config,
+    check_conv_id,
+    check_messages,
+    first_kept,
+)
 from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES
 from aiocache_llm.core.config import ChatMemoryConfig
@@ -21,18 +28,23 @@ __all__ = ["MemoryChatMemory"]
 class _Conversation:
     __slots__ = ("expires_at", "messages")
 
-    def __init__(self, max_messages: int) -> None:
-        self.messages: deque[bytes] = deque(maxlen=max_messages)
+    def __init__(self) -> None:
+        # no maxlen: how many old messages go is the trim rule's decision (first_kept)
+        self.messages: deque[bytes] = deque()
         self.expires_at = math.inf
 
 
 class MemoryChatMemory(AsyncResource):
     """A bounded message history per conversation, in this process.
 
-    ``append`` adds a message and keeps the newest ``2 * config.max_turns``, dropping
-    the oldest; ``get_history`` returns them oldest first as ``{"role", "content"}``
-    dicts. ``config.ttl_seconds`` (None = never) is how long a conversation lives
-    after its last append: every append refreshes it, reads do not. ``clock`` (seconds,
+    ``append(conv_id, role, content)`` adds a ``{"role", "content"}`` message,
+    ``append_message``/``append_messages`` add whole OpenAI/Anthropic message dicts
+    (tool calls and tool results included); each keeps at most the newest
+    ``2 * config.max_turns`` messages, dropping the oldest, and never leaves a history
+    that begins with a tool result (see :meth:`append_messages`). ``get_history``
+    returns the messages oldest first, each exactly as it was given.
+    ``config.ttl_seconds`` (None = never) is how long a conversation lives after its
+    last append: every append refreshes it, reads do not. ``clock`` (seconds,
     monotonic; default ``time.monotonic``) is injectable so tests control expiry.
 
     ``content`` is a ``str`` (any Unicode, the empty string included: a model may
@@ -43,8 +55,9 @@ class MemoryChatMemory(AsyncResource):
     :class:`ValueTooLargeError`. Bad input raises before anything changes.
 
     Every method completes without yielding to the event loop, so each is atomic with
-    respect to other tasks and cancellation cannot leave it half done. ``append`` is
-    O(1) plus the size of the message, ``get_history`` O(messages kept). Because every
+    respect to other tasks and cancellation cannot leave it half done. An append is
+    O(size of its messages) plus the messages looked at to find where the history
+    starts (usually one), ``get_history`` O(messages kept). Because every
     conversation shares one TTL and the clock is monotonic, last-append order is
     expiry order: conversations are kept in that order and expired ones are purged
     from the front on every call, O(1) amortized, so expired conversations never
@@ -81,29 +94,78 @@ class MemoryChatMemory(AsyncResource):
         return self._config
 
     async def append(self, conv_id: str, role: str, content: Any) -> None:
-        """Append a message, keep the newest ``2 * max_turns``, refresh the TTL; atomically.
+        """Append ``{"role": role, "content": content}``, trim, refresh the TTL; atomically.
 
-        Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` (or
-        :class:`ValueTooLargeError`) naming the bad argument, leaving the history as
-        it was.
+        ``content`` is a ``str`` or a JSON ``list``/``dict`` of parts (``None`` is
+        refused: an assistant reply made of tool calls goes through
+        :meth:`append_message` with its ``tool_calls``). Trimming keeps at most the
+        newest ``2 * max_turns`` messages, starting at a message that may start a
+        history (see :meth:`append_messages`). Raises :class:`InvalidInputError`/
+        :class:`InvalidInputTypeError` (or :class:`ValueTooLargeError`) naming the bad
+        argument, leaving the history as it was.
         """
         self._check_open()
         conv_id = check_conv_id(conv_id)
-        data = self._codec.encode(role, content)
+        self._store(conv_id, [self._codec.encode(role, content)])
+
+    async def append_message(self, conv_id: str, message: Mapping[str, Any]) -> None:
+        """Append one message dict as given, trim, refresh the TTL; atomically.
+
+        ``message`` is any OpenAI/Anthropic chat message: ``content`` a ``str``, a list
+        of parts (``tool_use``/``tool_result`` blocks included) or ``None`` for an
+        assistant reply in ``tool_calls``; ``tool_call_id``/``name`` a ``str``; other
+        keys JSON data. ``get_history`` returns it with the same keys, in the same
+        order. Raises like :meth:`append_messages`.
+        """
+        self._check_open()
+        conv_id = check_conv_id(conv_id)
+        self._store(conv_id, [self._codec.encode_message(message)])
+
+    async def append_messages(self, conv_id: str, messages: Iterable[Mapping[str, Any]]) -> None:
+        """Append message dicts in order, trim, refresh the TTL; all in one atomic step.
+
+        Use it for an assistant tool call and its results, so that no reader (and
+        no trim) ever sees the call without its results. Beyond ``2 * max_turns``
+        messages the history is trimmed to the oldest of the newest ``2 * max_turns``
+        that may start a history: never a tool result (a ``tool`` message, or a
+        ``user`` message made only of ``tool_result`` blocks), so tool results whose
+        call is trimmed go with it and the history may hold fewer messages than the
+        bound, never more. Within the bound nothing is dropped. An empty ``messages``
+        does nothing.
+
+        Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` (or
+        :class:`ValueTooLargeError`) for a bad message, and :class:`InvalidInputError`
+        when a trim is needed and none of the newest ``2 * max_turns`` messages could
+        start the history (a call whose results exceed the bound); in every case
+        nothing is stored. O(size of the messages), plus the
+        messages looked at to find where the history starts (usually one).
+        """
+        self._check_open()
+        conv_id = check_conv_id(conv_id)
+        encoded = [self._codec.encode_message(message) for message in check_messages(messages)]
+        if encoded:
+            self._store(conv_id, encoded)
+
+    def _store(self, conv_id: str, encoded: list[bytes]) -> None:
         now = self._clock()
         self._purge_expired(now)
         conversation = self._conversations.get(conv_id)
+        stored = () if conversation is None else conversation.messages
+        start = first_kept(stored, encoded, self._config.max_messages)  # may raise: no change
         if conversation is None:
-            conversation = self._conversations[conv_id] = _Conversation(self._config.max_messages)
+            conversation = self._conversations[conv_id] = _Conversation()
         else:
             self._conversations.move_to_end(conv_id)
-        conversation.messages.append(data)
+        messages = conversation.messages
+        messages.extend(encoded)
+        for _ in range(start):
+            messages.popleft()
         ttl = self._config.ttl_seconds
         conversation.expires_at = math.inf if ttl is None else now + ttl
-        self._appended += 1
+        self._appended += len(encoded)
 
     async def get_history(self, conv_id: str) -> list[dict[str, Any]]:
-        """Return the conversation's messages oldest first (``[]`` if none or expired).
+        """Return the messages oldest first, each as appended (``[]`` if none or expired).
 
         The dicts are new objects: mutating them never changes what is stored.
         """
