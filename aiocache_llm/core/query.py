@@ -32,6 +32,7 @@ from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 
 __all__ = [
     "IGNORED_FIELDS",
+    "NoSemanticTextError",
     "Normalizer",
     "Query",
     "QueryKeys",
@@ -67,6 +68,20 @@ IGNORED_FIELDS: frozenset[str] = frozenset(
 _SORTED = orjson.OPT_SORT_KEYS
 _MAX_JSON_DEPTH = 254  # orjson refuses deeper nesting of lists and dicts
 _SCOPE_MARKER = "\x00semantic-text\x00"
+
+
+class NoSemanticTextError(InvalidInputError):
+    """The last user message of a query has no text to compare, only other parts.
+
+    Raised by :meth:`QueryKeys.semantic_parts` for a well-formed request whose last
+    user message holds only tool results, images, documents or other non-text parts
+    (an Anthropic tool-use follow-up, say). Such a query is not bad input, it is just
+    not a question for a semantic cache: the semantic caches catch this error and
+    treat the query as absent from them (``get``/``lookup`` return ``None`` without
+    counting a miss, ``put`` stores nothing, ``invalidate`` returns ``False``), so it
+    never reaches a caller. A kind of :class:`InvalidInputError` for callers of
+    ``semantic_parts`` that only know that one.
+    """
 
 
 def _builtin_sha256() -> Callable[[bytes], Any]:
@@ -323,12 +338,20 @@ class QueryKeys:
     def semantic_parts(self, query: object) -> tuple[str, str, str]:
         """Split a query for the semantic cache into ``(scope, text, digest)``.
 
-        ``text`` is the content of the last user message (text parts joined by
-        newlines when the content is a list of parts). ``scope`` is the digest of
-        everything else (model, system prompt, earlier turns, parameters, and the
-        non-text parts of the last message such as images), which a paraphrase must
-        match exactly. ``digest`` is the exact key of the whole query.
-        Raises :class:`InvalidInputError` when there is no non-empty user message.
+        ``text`` is the text of the last user message: its string content, or its
+        text parts (OpenAI text parts, Anthropic text blocks) joined by newlines.
+        ``scope`` is the digest of everything else (model, system prompt, Anthropic's
+        top-level ``system``, earlier turns, parameters, and the non-text parts of the
+        last message such as images or tool results), which a paraphrase must match
+        exactly. Content made only of plain ``{"type": "text", "text": ...}`` parts
+        has the scope of the same text as a string, so a string and a single text
+        block are one question. ``digest`` is the exact key of the whole query
+        (:func:`signature`), which this never changes.
+
+        Raises :class:`NoSemanticTextError` when the last user message has parts but
+        no text part (a query the semantic caches skip), :class:`InvalidInputError`
+        when there is no user message or its text is blank, and what
+        :meth:`request` raises for a bad query.
         """
         if type(query) is str and self._normalize is default_normalize and query.strip():
             # one user message and nothing else: the scope is the same for every text
@@ -343,41 +366,61 @@ class QueryKeys:
                 break
         else:
             raise InvalidInputError("a semantic query needs at least one 'user' message")
-        text = _message_text(message.get("content"))
+        content = message.get("content")
+        text = _message_text(content)
+        if text is None:
+            raise NoSemanticTextError(
+                "the last user message has no text to compare, only non-text parts "
+                "(tool results, images, ...): not a semantic query"
+            )
         if not text.strip():
             raise InvalidInputError("the last user message of a semantic query has no text")
         scoped_messages = list(messages)
-        scoped_messages[index] = {**message, "content": _scoped_content(message.get("content"))}
+        scoped_messages[index] = {**message, "content": _scoped_content(content)}
         scope = _hexdigest(canonical_json({**request, "messages": scoped_messages}))
         return scope, text, _hexdigest(canonical_json(request))
+
+
+def _is_text_part(part: object) -> bool:
+    """An OpenAI text part or Anthropic text block (any part with a string ``text``)."""
+    return isinstance(part, Mapping) and isinstance(part.get("text"), str)
+
+
+def _is_plain_text_part(part: object) -> bool:
+    """A text part with nothing else to it (no ``cache_control``, no citations...)."""
+    return (
+        isinstance(part, Mapping)
+        and len(part) == 2
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    )
 
 
 def _scoped_content(content: object) -> object:
     """The content with its text replaced by a marker; images, audio and files stay.
 
     Only the text is compared by similarity: two questions about different images
-    must never share a scope.
+    must never share a scope. Content that is only plain text parts becomes the
+    marker alone, as string content always did (so the scopes of string content,
+    and the entries stored under them, stay as they were): a string and the same
+    text in one text block are the same question.
     """
-    if isinstance(content, list):
+    if isinstance(content, list) and not all(_is_plain_text_part(part) for part in content):
         return [
-            {**part, "text": _SCOPE_MARKER}
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-            else part
-            for part in content
+            {**part, "text": _SCOPE_MARKER} if _is_text_part(part) else part for part in content
         ]
     return _SCOPE_MARKER
 
 
-def _message_text(content: object) -> str:
+def _message_text(content: object) -> str | None:
+    """The text of a message's content; ``None`` for parts without any text part."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [
-            part["text"]
-            for part in content
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(parts)
+        if not content:
+            raise InvalidInputError("the last user message of a semantic query has no content")
+        parts = [part["text"] for part in content if _is_text_part(part)]
+        return "\n".join(parts) if parts else None
     raise InvalidInputTypeError(
         f"message content must be a str or a list of parts, got {type(content).__name__}"
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from aiocache_llm.core.query import as_request
 
 __all__ = [
@@ -31,27 +33,29 @@ DEFAULT_COMPLETION_TOKENS = 256
 
 
 def estimate_tokens(query: object) -> int:
-    """Estimate a request's total tokens: prompt text / 4 + its completion allowance.
+    """Estimate a request's total tokens: prompt characters / 4 + its completion allowance.
 
-    The prompt part counts the characters of every message's text content (plus a
-    few tokens of framing per message); the completion part is the request's
-    ``max_completion_tokens`` or ``max_tokens`` when set, else
-    :data:`DEFAULT_COMPLETION_TOKENS`. Always >= 1. O(size of the messages).
+    Understands OpenAI, Anthropic and LiteLLM requests. The prompt part counts the
+    characters of every message's text (string content, OpenAI text parts, Anthropic
+    text blocks), of the content of Anthropic ``tool_result`` blocks (a string or text
+    blocks), of OpenAI ``tool_calls`` (function names and argument strings) and of the
+    top-level ``system`` (Anthropic: a string or a list of text blocks); the bytes of
+    the compact JSON of Anthropic ``tool_use`` inputs and of the ``tools`` definitions
+    (nothing for what JSON cannot hold); and a few tokens of framing per message.
+    Images, audio and files are not counted (their cost depends on the provider). The
+    completion part is :func:`completion_allowance`. Always >= 1. O(size of the
+    request); raises only what :func:`~aiocache_llm.core.query.as_request` raises.
     """
     request = as_request(query)
-    characters = 0
+    characters = _content_chars(request.get("system")) + _json_chars(request.get("tools"))
     messages = request.get("messages")
     framing = 0
     if isinstance(messages, list):
         for message in messages:
             framing += 4
-            content = message.get("content") if isinstance(message, Mapping) else None
-            if isinstance(content, str):
-                characters += len(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                        characters += len(part["text"])
+            if isinstance(message, Mapping):
+                characters += _content_chars(message.get("content"))
+                characters += _tool_calls_chars(message.get("tool_calls"))
     prompt = -(-characters // CHARS_PER_TOKEN) + framing
     return max(1, prompt + completion_allowance(request))
 
@@ -59,19 +63,26 @@ def estimate_tokens(query: object) -> int:
 def reported_tokens(answer: Any) -> int | None:
     """Return the total tokens an answer reports, or ``None`` if it reports none.
 
-    Understands ``LLMResponse``/SDK objects (``answer.usage.total_tokens``) and
-    JSON answers (``answer["usage"]["total_tokens"]``).
+    Reads ``answer.usage`` (objects: OpenAI and Anthropic SDK types, LiteLLM's
+    ``ModelResponse``, ``LLMResponse``) or ``answer["usage"]`` (their JSON/dict
+    forms): its ``total_tokens`` (OpenAI, LiteLLM) when present, else
+    ``input_tokens + output_tokens`` plus Anthropic's ``cache_creation_input_tokens``
+    and ``cache_read_input_tokens`` when present, else ``prompt_tokens +
+    completion_tokens``. Usage without an input count (an Anthropic ``message_delta``'s
+    ``output_tokens`` alone) is not a total: ``None``. Counts must be ints >= 0.
     """
-    usage = answer.get("usage") if isinstance(answer, Mapping) else getattr(answer, "usage", None)
+    usage = _field(answer, "usage")
     if usage is None:
         return None
-    total = (
-        usage.get("total_tokens")
-        if isinstance(usage, Mapping)
-        else getattr(usage, "total_tokens", None)
-    )
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+    total = _count(_field(usage, "total_tokens"))
+    if total is not None:
         return total
+    inputs = _input_tokens(usage)
+    if inputs is not None:
+        return inputs + (_count(_field(usage, "output_tokens")) or 0)
+    prompt = _count(_field(usage, "prompt_tokens"))
+    if prompt is not None:
+        return prompt + (_count(_field(usage, "completion_tokens")) or 0)
     return None
 
 
@@ -80,8 +91,10 @@ class StreamUsage:
 
     OpenAI-style streams report ``usage.total_tokens`` on their last chunk (with
     ``stream_options={"include_usage": True}``); Anthropic-style streams report
-    ``input_tokens`` in ``message_start`` (under ``message.usage``) and the running
-    ``output_tokens`` in ``message_delta``; the last report of each kind wins. When a
+    ``input_tokens`` (plus the cache token counts) in ``message_start`` (under
+    ``message.usage``) and the running ``output_tokens`` in ``message_delta``; the last
+    report of each kind wins, and a ``message_delta`` that reports its input too (the
+    counts are cumulative) is a total, as :func:`reported_tokens` reads it. When a
     stream reports nothing, :meth:`tokens` estimates: the prompt (as
     :func:`estimate_tokens`) plus the streamed text / :data:`CHARS_PER_TOKEN`.
     """
@@ -108,7 +121,7 @@ class StreamUsage:
         if usage is None:
             usage = _field(_field(chunk, "message"), "usage")
         if usage is not None:
-            self._input = _count(_field(usage, "input_tokens")) or self._input
+            self._input = _input_tokens(usage) or self._input
             self._output = _count(_field(usage, "output_tokens")) or self._output
 
     @property
@@ -130,12 +143,73 @@ class StreamUsage:
 
 
 def completion_allowance(query: object) -> int:
-    """The completion part of :func:`estimate_tokens`: ``max_tokens`` or the default."""
+    """The completion part of :func:`estimate_tokens`.
+
+    The request's ``max_completion_tokens`` (OpenAI) or ``max_tokens`` (OpenAI,
+    Anthropic, which requires it, LiteLLM) when it is a positive int, else
+    :data:`DEFAULT_COMPLETION_TOKENS`.
+    """
     request = as_request(query)
     completion = request.get("max_completion_tokens") or request.get("max_tokens")
     if not isinstance(completion, int) or isinstance(completion, bool) or completion <= 0:
         return DEFAULT_COMPLETION_TOKENS
     return completion
+
+
+def _content_chars(content: object) -> int:
+    """Characters of a message's content (or a ``system``, or a tool result's content)."""
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, list):
+        return 0
+    characters = 0
+    for part in content:
+        if not isinstance(part, Mapping):
+            continue
+        text = part.get("text")
+        if isinstance(text, str):  # OpenAI text parts, Anthropic text blocks
+            characters += len(text)
+        elif part.get("type") == "tool_use":
+            characters += _json_chars(part.get("input"))
+        elif part.get("type") == "tool_result":
+            characters += _content_chars(part.get("content"))
+    return characters
+
+
+def _tool_calls_chars(tool_calls: object) -> int:
+    """Characters of an OpenAI assistant message's calls: names and argument JSON."""
+    if not isinstance(tool_calls, list):
+        return 0
+    characters = 0
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            for field in ("name", "arguments"):
+                value = function.get(field)
+                characters += len(value) if isinstance(value, str) else 0
+    return characters
+
+
+def _json_chars(value: object) -> int:
+    """Size of ``value`` as compact JSON; 0 for nothing or what JSON cannot hold (an
+    estimate must not fail a request the provider may well accept)."""
+    if value is None:
+        return 0
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return 0
+
+
+def _input_tokens(usage: Any) -> int | None:
+    """Every input token an answer's usage reports: Anthropic counts the prompt tokens
+    written to and read from its prompt cache apart from ``input_tokens``."""
+    inputs = _count(_field(usage, "input_tokens"))
+    if inputs is None:
+        return None
+    for field in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+        inputs += _count(_field(usage, field)) or 0
+    return inputs
 
 
 def _chunk_text(chunk: Any) -> str:

@@ -31,6 +31,7 @@ from aiocache_llm import (
 )
 from aiocache_llm.backends import vectors
 from aiocache_llm.backends.promotion import PromotingSemanticCache
+from aiocache_llm.core.query import QueryKeys
 from aiocache_llm.embedders import HashingEmbedder
 from tests.conftest import Backend
 
@@ -84,8 +85,8 @@ class AsyncTableEmbedder(TableEmbedder):
         return super().__call__(text)
 
 
-def ask(text: str, **fields: Any) -> dict[str, Any]:
-    """A chat request whose last user message is ``text``."""
+def ask(text: Any, **fields: Any) -> dict[str, Any]:
+    """A chat request whose last user message is ``text`` (a string or a list of parts)."""
     messages = fields.pop("messages", [])
     return {
         "model": "gpt-4o-mini",
@@ -527,9 +528,11 @@ async def test_unserializable_value_raises_and_keeps_what_was_stored(
         ({"model": "m"}, InvalidInputError),
         ({"messages": [{"role": "system", "content": "x"}]}, InvalidInputError),
         ({"messages": [{"role": "user", "content": "   "}]}, InvalidInputError),
+        ({"messages": [{"role": "user", "content": []}]}, InvalidInputError),
+        ({**ask("capital of france"), "temperature": float("nan")}, InvalidInputError),
         (42, InvalidInputTypeError),
     ],
-    ids=["empty-str", "no-messages", "no-user-message", "blank-text", "int"],
+    ids=["empty-str", "no-messages", "no-user-message", "blank-text", "no-parts", "nan", "int"],
 )
 async def test_bad_query_raises_on_every_method(
     cache: AsyncSemanticCache, bad_query: Any, error: type[Exception]
@@ -547,6 +550,161 @@ async def test_bad_query_raises_on_every_method(
 async def test_str_query_means_one_user_message(cache: AsyncSemanticCache) -> None:
     await cache.put("capital of france", "Paris")
     assert await cache.get({"messages": [{"role": "user", "content": "sim 0.96"}]}) == "Paris"
+
+
+# provider shapes (issue 14): OpenAI text parts, Anthropic text blocks, tool results
+
+
+def text_block(text: str) -> list[dict[str, Any]]:
+    """``text`` as the content of one text part (OpenAI) or text block (Anthropic)."""
+    return [{"type": "text", "text": text}]
+
+
+def anthropic(content: Any, **fields: Any) -> dict[str, Any]:
+    """An Anthropic Messages request whose last user message holds ``content``."""
+    messages = fields.pop("messages", [])
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "messages": [*messages, {"role": "user", "content": content}],
+        **fields,
+    }
+
+
+TOOL_TURN: list[dict[str, Any]] = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me look that up."},
+            {
+                "type": "tool_use",
+                "id": "toolu_01A09q90qw90lq917835lq9",
+                "name": "get_weather",
+                "input": {"location": "Paris, France"},
+            },
+        ],
+    },
+]
+
+
+def tool_result(content: Any) -> list[dict[str, Any]]:
+    return [
+        {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9", "content": content}
+    ]
+
+
+@pytest.mark.parametrize("request_of", [ask, anthropic], ids=["openai", "anthropic"])
+@pytest.mark.parametrize("stored_in_a_block", [False, True], ids=["str-stored", "block-stored"])
+async def test_a_string_and_a_single_text_block_are_the_same_question(
+    cache: AsyncSemanticCache, request_of: Callable[[Any], dict[str, Any]], stored_in_a_block: bool
+) -> None:
+    def stored(text: str) -> dict[str, Any]:
+        return request_of(text_block(text) if stored_in_a_block else text)
+
+    def other_form(text: str) -> dict[str, Any]:
+        return request_of(text if stored_in_a_block else text_block(text))
+
+    await cache.put(stored("capital of france"), "Paris")
+    assert await cache.get(other_form("capital of france")) == "Paris"
+    assert await cache.get(other_form("sim 0.96")) == "Paris"
+    assert await cache.get(other_form("sim 0.8")) is None
+    assert await cache.invalidate(other_form("capital of france")) is False  # another query
+    assert (await cache.stats()).size == 1
+
+
+async def test_several_plain_text_blocks_are_their_text_joined_by_newlines(
+    make_cache: Factory,
+) -> None:
+    embedder = TableEmbedder({"capital of\nfrance": BASE})
+    cache = make_cache(embedder, similarity_threshold=0.9)
+    await cache.put(anthropic("capital of\nfrance"), "Paris")
+    blocks = [*text_block("capital of"), *text_block("france")]
+    assert await cache.get(anthropic(blocks)) == "Paris"
+    assert embedder.calls == ["capital of\nfrance", "capital of\nfrance"]
+
+
+async def test_a_text_block_with_more_to_it_than_text_is_another_scope(
+    cache: AsyncSemanticCache,
+) -> None:
+    # cache_control (Anthropic prompt caching) and the like stay in the scope, as
+    # every part of the last message but its text does
+    await cache.put(anthropic("capital of france"), "Paris")
+    marked = [{"type": "text", "text": "sim 0.96", "cache_control": {"type": "ephemeral"}}]
+    assert await cache.get(anthropic(marked)) is None
+
+
+@pytest.mark.parametrize(
+    "system",
+    ["Answer in French.", text_block("Answer in French.")],
+    ids=["string", "text-blocks"],
+)
+async def test_anthropic_system_prompt_is_part_of_the_scope(
+    cache: AsyncSemanticCache, system: Any
+) -> None:
+    await cache.put(anthropic("capital of france", system=system), "Paris")
+    assert await cache.get(anthropic("sim 0.96", system=system)) == "Paris"
+    assert await cache.get(anthropic("sim 0.96", system="Answer in German.")) is None
+    assert await cache.get(anthropic("sim 0.96")) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        tool_result("15 degrees, sunny"),
+        tool_result(text_block("15 degrees, sunny")),
+        [{"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}],
+        [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+    ],
+    ids=["tool-result", "tool-result-blocks", "anthropic-image", "openai-image"],
+)
+async def test_a_last_user_message_without_text_is_not_a_semantic_query(
+    make_cache: Factory, content: Any
+) -> None:
+    embedder = TableEmbedder()
+    cache = make_cache(embedder, similarity_threshold=0.9)
+    query = anthropic(content, messages=TOOL_TURN)
+    await cache.put(ask("capital of france"), "Paris")
+    calls, before = len(embedder.calls), await cache.stats()
+    await cache.put(query, "stored nowhere")
+    assert await cache.get(query) is None
+    assert await cache.get(query, similarity_threshold=-1.0) is None
+    if isinstance(cache, PromotingSemanticCache):
+        assert await cache.lookup(query) is None
+    assert await cache.invalidate(query) is False
+    after = await cache.stats()
+    # neither a miss nor an entry, and no embedding: the cache was not asked anything
+    assert (after.hits, after.misses, after.size) == (before.hits, before.misses, 1)
+    assert len(embedder.calls) == calls
+    assert await cache.get(ask("capital of france")) == "Paris"
+
+
+async def test_a_tool_result_with_text_asks_the_text_within_the_tool_results_scope(
+    cache: AsyncSemanticCache,
+) -> None:
+    def follow_up(result: str, text: str) -> dict[str, Any]:
+        return anthropic([*tool_result(result), *text_block(text)], messages=TOOL_TURN)
+
+    await cache.put(follow_up("15 degrees", "capital of france"), "Paris")
+    assert await cache.get(follow_up("15 degrees", "sim 0.96")) == "Paris"
+    assert await cache.get(follow_up("30 degrees", "sim 0.96")) is None
+
+
+def test_scopes_of_string_content_are_those_entries_were_stored_under() -> None:
+    # digests computed before issue 14: entries stored under them keep matching
+    keys = QueryKeys()
+    french = ask("capital?", messages=[{"role": "system", "content": "Answer in French."}])
+    brief = anthropic("capital?", system="Be brief.")
+    image = ask([
+        {"type": "text", "text": "What is in"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+    ])  # fmt: skip
+    assert [keys.semantic_parts(query)[0] for query in (french, brief, image, "Everest?")] == [
+        "95091571725de8f4c23aaec33641324bc2788dce44d825d74f2730fe98ef8913",
+        "ae02f6003f71255c3adc9f52356ca8d5bf5e5cac1f36cf16ca5c73f010ec4186",
+        "4ce413b83e90785b37a33649cdbb400b2f6285f03f29089a67fa38faabec3a85",
+        "c9f5412e813ec6317a6a7910633e503ea9956726405d75409573defe98c114d0",
+    ]
 
 
 @pytest.mark.parametrize(

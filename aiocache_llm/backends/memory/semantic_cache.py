@@ -20,7 +20,7 @@ from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
 from aiocache_llm.core.errors import ClosedResourceError
 from aiocache_llm.core.lifecycle import AsyncResource
-from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.query import Normalizer, NoSemanticTextError, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import (
     check_optional_positive_number,
@@ -50,7 +50,10 @@ class MemorySemanticCache(AsyncResource):
     same query again replaces its vector and value, and ``invalidate`` removes it.
     A query that was stored exactly is a hit (similarity 1) without calling
     ``embed_fn`` at all, and so is a miss in a scope that holds no entries (most
-    scopes of a chat application, whose earlier turns differ).
+    scopes of a chat application, whose earlier turns differ). A query whose last
+    user message has no text, only other parts (a tool result, an image), is not a
+    question for this cache: ``get`` and ``lookup`` return ``None`` without counting
+    a miss, ``put`` stores nothing, ``invalidate`` returns False.
 
     ``embed_fn`` is a sync or async callable ``str -> sequence of floats``. An async
     one is awaited; a sync one runs in a worker thread (overlapping calls in several
@@ -135,8 +138,9 @@ class MemorySemanticCache(AsyncResource):
 
         ``similarity_threshold`` overrides the cache's threshold for this call. An
         exact repeat of a stored query, and any query of a scope with no entries, is
-        answered without calling ``embed_fn``. One embedding and one search of the
-        scope otherwise. Raises
+        answered without calling ``embed_fn``; a query whose last user message has
+        no text is ``None`` at once, and not a miss. One embedding and one search of
+        the scope otherwise. Raises
         :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad query,
         threshold or embedding, before anything changes.
         """
@@ -155,7 +159,10 @@ class MemorySemanticCache(AsyncResource):
         threshold = self._threshold
         if similarity_threshold is not None:
             threshold = check_similarity("similarity_threshold", similarity_threshold)
-        scope, text, digest = self._keys.semantic_parts(query)
+        try:
+            scope, text, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return None  # no text to compare: not a question for this cache, nor a miss
         exact = self._entries.get(digest)
         if exact is not None and exact.expires_at > self._clock():
             return self._hit(digest, exact)
@@ -178,13 +185,17 @@ class MemorySemanticCache(AsyncResource):
     async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
         """Store ``value`` under the query's scope and the embedding of its last user message.
 
-        Replaces the entry of the same query. ``ttl_seconds`` overrides the cache's
-        default for this entry. The query, value and embedding are all validated
-        before anything changes, so bad input raises and leaves the cache as it was.
+        Replaces the entry of the same query; stores nothing for a query whose last
+        user message has no text. ``ttl_seconds`` overrides the cache's default for
+        this entry. The query, value and embedding are all validated before anything
+        changes, so bad input raises and leaves the cache as it was.
         """
         self._check_open()
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-        scope, text, digest = self._keys.semantic_parts(query)
+        try:
+            scope, text, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return  # no text to compare: a later get could never find it
         data = self._codec.encode(value)
         vector = await self._embedding.embed(text)
         self._check_open()
@@ -249,7 +260,10 @@ class MemorySemanticCache(AsyncResource):
         from their exact cache in the same step.
         """
         self._check_open()
-        _, _, digest = self._keys.semantic_parts(query)
+        try:
+            _, _, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return False  # never stored
         entry = self._remove(digest)
         await self._delete_dropped()
         return entry is not None and entry.expires_at > self._clock()

@@ -35,7 +35,7 @@ from aiocache_llm.backends.redis.semantic_scripts import (
 from aiocache_llm.backends.vectors import CANDIDATES, EmbeddingAdapter, EmbedFn, UnitVector
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
 from aiocache_llm.core.errors import CorruptEntryError, InvalidInputError
-from aiocache_llm.core.query import Normalizer, Query, QueryKeys
+from aiocache_llm.core.query import Normalizer, NoSemanticTextError, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import (
     check_optional_positive_number,
@@ -55,8 +55,11 @@ class RedisSemanticCache(RedisBackend):
 
     Answers every call like :class:`MemorySemanticCache` (drop-in): same scopes,
     similarity scale (cosine in [-1, 1], ``>= similarity_threshold`` is a hit,
-    overridable per call), exact-repeat shortcut, TTLs and errors. Entries are shared
-    by every process using the same ``key_prefix``; a process sees what another
+    overridable per call), exact-repeat shortcut, TTLs and errors, and queries whose
+    last user message has no text (a tool result, an image) are not questions for it
+    either: ``get`` and ``lookup`` return ``None`` without counting a miss (and without
+    a round trip), ``put`` stores nothing, ``invalidate`` returns False. Entries are
+    shared by every process using the same ``key_prefix``; a process sees what another
     wrote, invalidated or cleared on its very next ``get``.
 
     ``embed_fn`` is called and its vectors validated as in
@@ -166,8 +169,9 @@ class RedisSemanticCache(RedisBackend):
 
         ``similarity_threshold`` overrides the cache's threshold for this call. An
         exact repeat of a stored query, and any query of a scope with no entries, is
-        answered without calling ``embed_fn``. One round trip for an exact repeat or
-        a miss, two for a semantic hit. Raises
+        answered without calling ``embed_fn``; a query whose last user message has
+        no text is ``None`` at once, and not a miss. One round trip for an exact
+        repeat or a miss, two for a semantic hit. Raises
         :class:`InvalidInputError`/:class:`InvalidInputTypeError` for a bad query,
         threshold or embedding, before anything stored changes;
         :class:`BackendError` when Redis fails.
@@ -187,7 +191,10 @@ class RedisSemanticCache(RedisBackend):
         threshold = self._threshold
         if similarity_threshold is not None:
             threshold = check_similarity("similarity_threshold", similarity_threshold)
-        scope, text, digest = self._keys.semantic_parts(query)
+        try:
+            scope, text, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return None  # no text to compare: not a question for this cache, nor a miss
         point = self._mirrors.start(scope)
         reply = await self._sync_scope(scope, digest, point.cursor)
         now_ms, stored_dimension, mode = float(reply[0]), reply[1], reply[2]
@@ -218,15 +225,19 @@ class RedisSemanticCache(RedisBackend):
     async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
         """Store ``value`` under the query's scope and the embedding of its last user message.
 
-        Replaces the entry of the same query. ``ttl_seconds`` overrides the cache's
-        default for this entry. The query, value and embedding are all validated
-        before anything changes, so bad input raises and leaves Redis as it was, and
-        so does an embedding whose dimension differs from the vectors already stored
-        by any process. One round trip; :class:`BackendError` when Redis fails.
+        Replaces the entry of the same query; stores nothing for a query whose last
+        user message has no text. ``ttl_seconds`` overrides the cache's default for
+        this entry. The query, value and embedding are all validated before anything
+        changes, so bad input raises and leaves Redis as it was, and so does an
+        embedding whose dimension differs from the vectors already stored by any
+        process. One round trip; :class:`BackendError` when Redis fails.
         """
         self._check_open()
         ttl = check_optional_positive_number("ttl_seconds", ttl_seconds) or self._ttl
-        scope, text, digest = self._keys.semantic_parts(query)
+        try:
+            scope, text, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return  # no text to compare: a later get could never find it
         data = self._codec.encode(value)
         vector = await self._embedding.embed(text)
         self._check_open()
@@ -318,7 +329,10 @@ class RedisSemanticCache(RedisBackend):
         entry's promotions in an exact cache are deleted in the same step.
         """
         self._check_open()
-        scope, _, digest = self._keys.semantic_parts(query)
+        try:
+            scope, _, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return False  # never stored
         base = f"{self._prefix}:s:{scope}"
         try:
             removed = await self._invalidate(
