@@ -31,6 +31,7 @@ from aiocache_llm import (
     MemorySemanticCache,
     RateLimitConfig,
     RedisExactCache,
+    RedisSemanticCache,
 )
 from aiocache_llm.core.codec import ValueCodec
 from aiocache_llm.integrations.openai import (
@@ -416,6 +417,30 @@ async def test_redis_cache_learns_the_sdk_types_and_another_process_reads_them(
     assert plain_again == plain
     assert all(type(chunk) is ChatCompletionChunk for chunk in replayed)
     assert replayed == streamed
+
+
+@pytest.mark.redis
+async def test_a_redis_semantic_cache_learns_the_sdk_types_for_another_process(
+    server: FakeOpenAIServer, real_redis: RedisTarget
+) -> None:
+    def semantic() -> RedisSemanticCache:  # no value_types: the wrapper registers them
+        return RedisSemanticCache(
+            HashingEmbedder(),
+            client=real_redis.client,
+            key_prefix=f"{real_redis.prefix}:sem",
+            similarity_threshold=0.5,
+        )
+
+    paraphrase = {**QUERY, "messages": [{"role": "user", "content": "capital of France?"}]}
+    async with wrap_openai(server.client(), semantic_cache=semantic()) as first:
+        answer = await first.chat.completions.create(**QUERY)
+    async with wrap_openai(server.client(), semantic_cache=semantic()) as second:
+        hit = await second.chat.completions.create(**paraphrase)
+        stats = second.gateway.stats()
+    assert server.requests == 1
+    assert stats.semantic_hits == 1
+    assert type(hit) is ChatCompletion
+    assert hit == answer
 
 
 # -- tenancy and secrets --------------------------------------------------------------

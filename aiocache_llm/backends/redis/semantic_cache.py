@@ -164,6 +164,11 @@ class RedisSemanticCache(RedisBackend):
             f"hits={self._hits}, misses={self._misses})"
         )
 
+    @property
+    def codec(self) -> ValueCodec:
+        """The codec this cache stores values with (it knows the declared ``value_types``)."""
+        return self._codec
+
     async def get(self, query: Query, *, similarity_threshold: float | None = None) -> Any | None:
         """Return the value of the most similar live entry of the query's scope, or ``None``.
 
