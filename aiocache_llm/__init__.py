@@ -30,6 +30,7 @@ from aiocache_llm.core.errors import (
     RateLimitExceeded,
     RemoteProviderError,
     StreamInterruptedError,
+    UndeclaredTypeError,
     ValueTooLargeError,
 )
 from aiocache_llm.core.guard import BreakerState
@@ -122,6 +123,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "CorruptEntryError",
+    "UndeclaredTypeError",
     "ClosedResourceError",
     "ProviderTimeoutError",
     "RateLimitExceeded",

@@ -22,6 +22,7 @@ else under our keys (a pickle, another library's entry, truncated bytes) is a
 from __future__ import annotations
 
 import functools
+import logging
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +34,7 @@ from aiocache_llm.core.errors import (
     CorruptEntryError,
     InvalidInputError,
     InvalidInputTypeError,
+    UndeclaredTypeError,
     ValueTooLargeError,
 )
 from aiocache_llm.core.query import canonical_json
@@ -40,7 +42,9 @@ from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.validation import check_size_limit
 from aiocache_llm.core.values import LLMResponse
 
-__all__ = ["DEFAULT_MAX_VALUE_BYTES", "IMMUTABLE_VALUE_TYPES", "ValueCodec"]
+__all__ = ["DEFAULT_MAX_VALUE_BYTES", "IMMUTABLE_VALUE_TYPES", "UndeclaredTypes", "ValueCodec"]
+
+logger = logging.getLogger("aiocache_llm.codec")
 
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 """Largest encoded value a cache accepts unless told otherwise (16 MiB)."""
@@ -237,13 +241,39 @@ class ValueCodec:
         name = data[_HEADER_LEN:end].decode("utf-8")
         cls = self._types.get(name)
         if cls is None:
-            raise CorruptEntryError(
-                f"stored model type {name!r} is not registered; pass it in value_types="
+            raise UndeclaredTypeError(
+                f"stored model type {name!r} is not declared in this process: pass it in "
+                "value_types=",
+                type_name=name,
             )
         try:
             return cls.model_validate_json(data[end + 1 :])
         except ValidationError as exc:
             raise CorruptEntryError(f"stored {name} value does not validate: {exc}") from exc
+
+
+class UndeclaredTypes:
+    """Counts the entries a cache could not read for want of a declared model type.
+
+    The first entry of each type name is logged (WARNING, the type name only: a class
+    name, never data), so that a missing ``value_types=`` is said once, not per read.
+    """
+
+    __slots__ = ("_seen", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: set[str] = set()
+
+    def note(self, error: UndeclaredTypeError) -> None:
+        self.count += 1
+        if error.type_name not in self._seen and len(self._seen) < 1024:
+            self._seen.add(error.type_name)
+            logger.warning(
+                "cached values of type %r are stored but not declared here: pass it in "
+                "value_types= to read them (counted in undeclared_entries)",
+                error.type_name,
+            )
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:

@@ -19,6 +19,7 @@ __all__ = [
     "RateLimitExceeded",
     "RemoteProviderError",
     "StreamInterruptedError",
+    "UndeclaredTypeError",
     "ValueTooLargeError",
 ]
 
@@ -57,6 +58,19 @@ class CorruptEntryError(BackendError):
     Caches treat such an entry as a miss and count it; it is raised only where
     dropping data silently would be worse (chat history).
     """
+
+
+class UndeclaredTypeError(CorruptEntryError):
+    """A stored value is a model type this process has not declared (``value_types=``).
+
+    The entry is sound; this reader cannot decode it, since a class named by stored
+    data is never imported. Caches count it in ``CacheStats.undeclared_entries`` (a
+    miss, not corruption). ``type_name`` is the stored type's qualified name.
+    """
+
+    def __init__(self, message: str, *, type_name: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 class ClosedResourceError(AiocacheLLMError):

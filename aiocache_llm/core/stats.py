@@ -43,7 +43,9 @@ class CacheStats(BaseModel):
     ``hits`` and ``misses`` count this process's lookups since the cache object was
     created; ``size`` is the number of entries the backend holds now (for Redis
     backends, shared by every process using the same key prefix).
-    ``corrupt_entries`` counts entries found unreadable (treated as misses) and
+    ``corrupt_entries`` counts entries found unreadable (treated as misses),
+    ``undeclared_entries`` entries of a model type this process has not declared in
+    ``value_types=`` (misses too, but the data is sound: declare the type), and
     ``evictions`` the entries removed to respect ``max_size``.
     """
 
@@ -54,6 +56,7 @@ class CacheStats(BaseModel):
     size: int = 0
     evictions: int = 0
     corrupt_entries: int = 0
+    undeclared_entries: int = 0
 
     @property
     def total(self) -> int:

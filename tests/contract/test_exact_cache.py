@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -120,6 +121,25 @@ async def test_declared_model_type_round_trips(make_cache: Factory, backend: Bac
     got = await reader.get(QUERY)
     assert isinstance(got, Completion)
     assert got == value
+
+
+async def test_a_type_the_reader_did_not_declare_is_said_so_not_called_corrupt(
+    make_cache: Factory, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    if backend.is_memory:
+        pytest.skip("Redis backends only: a memory cache knows every type it stored")
+    writer = make_cache(value_types=[Completion])
+    reader = make_cache()  # another process that forgot value_types=
+    await writer.put(QUERY, Completion(id="c1", choices=[]))
+    with caplog.at_level(logging.WARNING, logger="aiocache_llm.codec"):
+        assert await reader.get(QUERY) is None
+        assert await reader.get(QUERY) is None
+    stats = await reader.stats()
+    assert (stats.undeclared_entries, stats.corrupt_entries, stats.misses) == (2, 0, 2)
+    warnings = [r.getMessage() for r in caplog.records if "not declared" in r.getMessage()]
+    assert len(warnings) == 1  # said once per type, not per read
+    assert "Completion" in warnings[0]
+    assert await writer.get(QUERY) == Completion(id="c1", choices=[])
 
 
 async def test_recorded_streams_round_trip_in_order_with_their_types(

@@ -480,6 +480,19 @@ class Completion(BaseModel):
     choices: list[dict[str, Any]]
 
 
+async def test_a_type_the_reader_did_not_declare_is_counted_apart(
+    make_cache: Factory, backend: Backend
+) -> None:
+    if backend.redis is None:
+        pytest.skip("Redis backends only: a memory cache knows every type it stored")
+    writer = make_cache(similarity_threshold=0.9, value_types=[Completion])
+    reader = make_cache(similarity_threshold=0.9)  # another process, no value_types=
+    await writer.put(ask("capital of france"), Completion(id="c1", choices=[]))
+    assert await reader.get(ask("capital of france")) is None
+    stats = await reader.stats()
+    assert (stats.undeclared_entries, stats.corrupt_entries) == (1, 0)
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from aiocache_llm.backends.redis.batching import GetBatcher
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
-from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
-from aiocache_llm.core.errors import BackendError, CorruptEntryError
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, UndeclaredTypes, ValueCodec
+from aiocache_llm.core.errors import BackendError, CorruptEntryError, UndeclaredTypeError
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import check_optional_positive_number, check_size_limit
@@ -200,7 +200,9 @@ class RedisExactCache(RedisBackend):
     Hits and misses are counted per process; ``size`` is read from Redis and counts
     live entries only: O(log n) for a bounded cache, O(keys in the database) with
     SCAN for an unbounded one. Data under our keys that this library
-    did not write is a miss, counted in ``corrupt_entries``, never decoded further;
+    did not write is a miss, counted in ``corrupt_entries``, never decoded further (a
+    value of a model type not declared in ``value_types=`` is a miss counted in
+    ``undeclared_entries`` instead, and logged once per type);
     so is a key of another Redis type (uncounted when read in a batch: ``MGET``
     answers nil for it), which the next put replaces. Foreign data under the index
     keys never fails a call: reads skip the touch, the next put replaces them.
@@ -243,6 +245,7 @@ class RedisExactCache(RedisBackend):
         self._misses = 0
         self._evictions = 0
         self._corrupt = 0
+        self._undeclared = UndeclaredTypes()
 
     def __repr__(self) -> str:
         bound = self._max_size or "unbounded"
@@ -303,6 +306,10 @@ class RedisExactCache(RedisBackend):
             if not isinstance(data, bytes):  # the key holds a list, hash, ...: not ours
                 raise CorruptEntryError("another Redis type is stored under the entry's key")
             value = self._codec.decode(data)
+        except UndeclaredTypeError as exc:
+            self._undeclared.note(exc)
+            self._misses += 1
+            return None
         except CorruptEntryError:
             self._corrupt += 1
             self._misses += 1
@@ -419,6 +426,7 @@ class RedisExactCache(RedisBackend):
             size=size,
             evictions=self._evictions,
             corrupt_entries=self._corrupt,
+            undeclared_entries=self._undeclared.count,
         )
 
     async def _release(self) -> None:

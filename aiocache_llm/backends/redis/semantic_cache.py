@@ -33,8 +33,8 @@ from aiocache_llm.backends.redis.semantic_scripts import (
     SYNC_SLACK,
 )
 from aiocache_llm.backends.vectors import CANDIDATES, EmbeddingAdapter, EmbedFn, UnitVector
-from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
-from aiocache_llm.core.errors import CorruptEntryError, InvalidInputError
+from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, UndeclaredTypes, ValueCodec
+from aiocache_llm.core.errors import CorruptEntryError, InvalidInputError, UndeclaredTypeError
 from aiocache_llm.core.query import Normalizer, NoSemanticTextError, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import (
@@ -154,6 +154,7 @@ class RedisSemanticCache(RedisBackend):
         self._misses = 0
         self._evictions = 0
         self._corrupt = 0
+        self._undeclared = UndeclaredTypes()
 
     def __repr__(self) -> str:
         bound = self._max_size or "unbounded"
@@ -400,6 +401,7 @@ class RedisSemanticCache(RedisBackend):
             size=size,
             evictions=self._evictions,
             corrupt_entries=self._corrupt + self._mirrors.corrupt,
+            undeclared_entries=self._undeclared.count,
         )
 
     async def _sync_scope(self, scope: str, digest: str, cursor: tuple[bytes, bytes]) -> Any:
@@ -446,6 +448,10 @@ class RedisSemanticCache(RedisBackend):
         """The hit of entry ``digest`` read as ``data`` with ``left_ms`` to live (-1: none)."""
         try:
             value = self._codec.decode(data)
+        except UndeclaredTypeError as exc:
+            self._undeclared.note(exc)
+            self._miss()
+            return None
         except CorruptEntryError:
             self._miss(corrupt=True)
             return None
