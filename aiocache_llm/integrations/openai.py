@@ -352,6 +352,10 @@ class CachedCompletions:
             no_store=options.get("no_store", False),
             ttl_seconds=options.get("ttl_seconds"),
         )
+        if not hasattr(completion, "_request_id"):
+            # a hit: the SDK's public _request_id names one HTTP response, which this
+            # answer did not come from; None, as on an object the SDK built without one
+            completion._request_id = None
         return completion
 
 

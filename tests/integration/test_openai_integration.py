@@ -665,3 +665,15 @@ def test_without_the_sdk_the_import_names_the_extra(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ImportError, match=r"aiocache_llm\[openai\]"):
         importlib.import_module("aiocache_llm.integrations.openai")
     importlib.import_module("aiocache_llm.integrations")  # the package needs no SDK
+
+
+async def test_a_hit_has_a_request_id_of_none_and_a_fresh_answer_its_own(
+    server: FakeOpenAIServer,
+) -> None:
+    async with wrap_openai(server.client()) as wrapped:
+        fresh = await wrapped.chat.completions.create(**QUERY)
+        hit = await wrapped.chat.completions.create(**QUERY)
+    assert server.requests == 1
+    assert hit == fresh
+    assert hit._request_id is None  # never AttributeError, never another response's id
+    assert fresh._request_id is None or isinstance(fresh._request_id, str)
