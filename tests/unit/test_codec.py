@@ -18,6 +18,7 @@ from aiocache_llm.core.errors import (
     CorruptEntryError,
     InvalidInputError,
     InvalidInputTypeError,
+    UndeclaredTypeError,
     ValueTooLargeError,
 )
 from tests.properties.checks import assert_identical
@@ -301,8 +302,10 @@ def test_an_unregistered_type_name_constructs_and_imports_nothing(
     monkeypatch.setattr(os, "system", forbidden)
     monkeypatch.setattr("importlib.import_module", forbidden)
     constructed.clear()
-    with pytest.raises(CorruptEntryError, match="not registered"):
+    with pytest.raises(UndeclaredTypeError, match="not declared in this process") as caught:
         CODEC.decode(_model_data(type_name, b'{"name": "echo pwned"}'))
+    assert isinstance(caught.value, CorruptEntryError)  # a miss for every cache, as before
+    assert caught.value.type_name == type_name
     assert constructed == []
 
 
