@@ -6,6 +6,11 @@ install:
 
 - :mod:`aiocache_llm.integrations.openai` (``pip install 'aiocache_llm[openai]'``):
   ``OpenAIProvider(client)`` and ``wrap_openai(client, **gateway_options)``.
+- :mod:`aiocache_llm.integrations.anthropic` (``[anthropic]``): ``AnthropicProvider(client)``
+  and ``wrap_anthropic(client, **gateway_options)``.
+- :mod:`aiocache_llm.integrations.litellm` (``[litellm]``): ``LiteLLMProvider(**defaults)``.
+- :mod:`aiocache_llm.integrations.langchain` (``[langchain]``): ``LangChainCache``, a
+  LangChain ``BaseCache`` over any exact cache.
 
 Importing this package itself imports no SDK.
 """
