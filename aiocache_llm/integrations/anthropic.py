@@ -39,19 +39,22 @@ from __future__ import annotations
 import json
 import logging
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Literal, TypedDict, overload
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.query import IGNORED_FIELDS, Query, as_request
-from aiocache_llm.core.validation import check_bool
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream
+from aiocache_llm.integrations.wrapping import CacheOptions, endpoint
+from aiocache_llm.integrations.wrapping import cache_options as _cache_options
+from aiocache_llm.integrations.wrapping import is_one_shot as _is_one_shot
+from aiocache_llm.integrations.wrapping import key_value as _key_value
+from aiocache_llm.integrations.wrapping import register_types as _register_types
 
 try:
     import anthropic
@@ -94,29 +97,12 @@ the user profile: the ones a request's ``extra_headers`` sets are kept in its ke
 HEADERS_FIELD = "aiocache_llm_headers"
 """Where a request's :data:`KEYED_HEADERS` are kept in its key."""
 
-_CACHE_OPTIONS = frozenset({"no_cache", "no_store", "ttl_seconds", "user_id"})
 # the client-level headers that pick the account or change every answer of a client
 _SCOPE_HEADERS = ("anthropic-workspace-id", "anthropic-user-profile-id", "anthropic-beta")
 _UNSET_TYPES = (anthropic.NotGiven, anthropic.Omit)
 _CREDENTIAL_HEADERS = frozenset(
     {"x-api-key", "authorization", "proxy-authorization", "api-key", "cookie"}
 )
-
-
-class CacheOptions(TypedDict, total=False):
-    """The ``cache=`` argument of :meth:`CachedMessages.create`; every key optional.
-
-    - ``no_cache``: skip the cache reads (a fresh answer, still stored unless ``no_store``);
-    - ``no_store``: keep this answer out of the caches;
-    - ``ttl_seconds``: the lifetime of the entry this request stores;
-    - ``user_id``: whose rate-limit budget pays for a provider call (default: the
-      gateway's ``anonymous_user``).
-    """
-
-    no_cache: bool
-    no_store: bool
-    ttl_seconds: float | None
-    user_id: str | None
 
 
 def anthropic_value_types() -> tuple[type[BaseModel], ...]:
@@ -279,62 +265,10 @@ def default_namespace(client: object) -> str:
     profile); never from its API key, auth token or any other header. Clients that
     differ in one of them never share entries.
     """
-    base_url = str(getattr(client, "base_url", "") or "")
-    parts = urlsplit(base_url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address keeps its brackets, or its port would be ambiguous
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    # a user:password@ in the URL is a credential, and a query may carry one too
-    url = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    url = endpoint(client)
     headers = _client_headers(client)
     identity = [url, *(headers.get(name) for name in _SCOPE_HEADERS)]
     return "anthropic:" + json.dumps(identity, separators=(",", ":"), default=str)
-
-
-def _cache_options(value: object) -> CacheOptions:
-    """Validate the ``cache=`` argument; raise before any I/O."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidInputTypeError(
-            f"cache must be a mapping of cache options, got {type(value).__name__}"
-        )
-    unknown = set(value) - _CACHE_OPTIONS
-    if unknown:
-        raise InvalidInputError(
-            f"unknown cache options {sorted(map(str, unknown))}: expected some of "
-            f"{sorted(_CACHE_OPTIONS)}"
-        )
-    options: CacheOptions = {}
-    if "no_cache" in value:
-        options["no_cache"] = check_bool("cache['no_cache']", value["no_cache"])
-    if "no_store" in value:
-        options["no_store"] = check_bool("cache['no_store']", value["no_store"])
-    if "ttl_seconds" in value:
-        options["ttl_seconds"] = value["ttl_seconds"]  # checked by the gateway
-    if "user_id" in value:
-        options["user_id"] = value["user_id"]  # checked by the gateway
-    return options
-
-
-def _key_value(value: Any) -> Any:
-    """``value`` as JSON data for the key: models as the SDK sends them, tuples as lists."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_unset=True)
-    if isinstance(value, Mapping):
-        return {key: _key_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_key_value(item) for item in value]
-    return value
-
-
-def _is_one_shot(value: object) -> bool:
-    """An iterable the SDK accepts (messages, system, tools) that may be read only once."""
-    return isinstance(value, Iterable) and not isinstance(
-        value, (str, bytes, bytearray, Mapping, list, tuple, BaseModel)
-    )
 
 
 def _keyed_headers(extra_headers: object) -> dict[str, str | None]:
@@ -547,14 +481,6 @@ class CachedAnthropic:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def _register_types(cache: object, types: Iterable[type[BaseModel]]) -> None:
-    """Teach a cache's codec the SDK types, if it has one that can learn (a capability)."""
-    register = getattr(getattr(cache, "codec", None), "register", None)
-    if callable(register):
-        for cls in types:
-            register(cls)
 
 
 def wrap_anthropic(
