@@ -40,7 +40,6 @@ import json
 import logging
 import typing
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel
@@ -50,11 +49,16 @@ from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.query import IGNORED_FIELDS, Query, as_request
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream
-from aiocache_llm.integrations.wrapping import CacheOptions, endpoint
+from aiocache_llm.integrations.wrapping import (
+    CacheOptions,
+    WrappedClient,
+    check_namespace,
+    endpoint,
+    gateway_for,
+)
 from aiocache_llm.integrations.wrapping import cache_options as _cache_options
 from aiocache_llm.integrations.wrapping import is_one_shot as _is_one_shot
 from aiocache_llm.integrations.wrapping import key_value as _key_value
-from aiocache_llm.integrations.wrapping import register_types as _register_types
 
 try:
     import anthropic
@@ -394,7 +398,7 @@ class CachedMessages:
         return message
 
 
-class CachedAnthropic:
+class CachedAnthropic(WrappedClient):
     """What :func:`wrap_anthropic` returns: an ``AsyncAnthropic`` whose messages are cached.
 
     ``messages.create`` answers through :attr:`gateway`; any other attribute
@@ -404,7 +408,7 @@ class CachedAnthropic:
     with ``await wrapped.client.close()``).
     """
 
-    __slots__ = ("_cache", "_client", "_gateway", "_namespace", "messages")
+    __slots__ = ("messages",)
 
     def __init__(
         self,
@@ -413,38 +417,14 @@ class CachedAnthropic:
         namespace: str,
         owned_cache: MemoryExactCache | None,
     ) -> None:
-        self._client = client
-        self._gateway = gateway
-        self._namespace = namespace
-        self._cache = owned_cache
+        super().__init__(client, gateway, namespace, owned_cache)
         self.messages = CachedMessages(self)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in CachedAnthropic.__slots__:
-            raise AttributeError(name)
-        return getattr(self._client, name)
-
-    def __repr__(self) -> str:
-        return f"CachedAnthropic(namespace={self._namespace!r}, gateway={self._gateway!r})"
 
     @property
     def client(self) -> anthropic.AsyncAnthropic:
         """The wrapped SDK client."""
-        return self._client
-
-    @property
-    def gateway(self) -> InferenceGateway:
-        """The gateway every ``messages.create`` goes through (stats, lifecycle).
-
-        Requests made on it directly are keyed without this wrapper's namespace: go
-        through ``messages.create`` to share this wrapper's entries.
-        """
-        return self._gateway
-
-    @property
-    def namespace(self) -> str:
-        """The namespace this wrapper's entries are filed under."""
-        return self._namespace
+        client: anthropic.AsyncAnthropic = self._client
+        return client
 
     def key_query(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The query that files ``create(**kwargs)`` in the caches (``cache=`` excluded).
@@ -464,23 +444,6 @@ class CachedAnthropic:
         if headers:
             key[HEADERS_FIELD] = headers
         return key
-
-    async def aclose(self) -> None:
-        """Close the gateway and the cache built for it (idempotent); not the client."""
-        await self._gateway.aclose()
-        if self._cache is not None:
-            await self._cache.aclose()
-
-    async def __aenter__(self) -> CachedAnthropic:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def wrap_anthropic(
@@ -504,24 +467,7 @@ def wrap_anthropic(
     and :class:`InvalidInputError` for a bad namespace or option (as the gateway does).
     """
     _check_client(client)
-    if "provider" in gateway_options:
-        raise InvalidInputError(
-            "wrap_anthropic builds the provider from the client: drop provider="
-        )
-    if namespace is None:
-        namespace = default_namespace(client)
-    elif type(namespace) is not str:
-        raise InvalidInputTypeError(f"namespace must be a str, got {type(namespace).__name__}")
-    elif not namespace:
-        raise InvalidInputError("namespace must not be empty")
+    namespace = check_namespace(namespace, lambda: default_namespace(client))
     provider = AnthropicProvider(client)
-    types = provider.value_types
-    owned: MemoryExactCache | None = None
-    if gateway_options.get("exact_cache") is None:
-        normalize = gateway_options.pop("normalize", None)
-        owned = MemoryExactCache(value_types=types, normalize=normalize)
-        gateway_options["exact_cache"] = owned
-    for name in ("exact_cache", "semantic_cache"):
-        _register_types(gateway_options.get(name), types)
-    gateway = InferenceGateway(provider, **gateway_options)
+    gateway, owned = gateway_for("wrap_anthropic", provider, provider.value_types, gateway_options)
     return CachedAnthropic(client, gateway, namespace, owned)

@@ -1,23 +1,30 @@
 """What the SDK wrappers (``wrap_openai``, ``wrap_anthropic``) share: the per-request
-``cache=`` options, how request arguments become key data, and how a cache learns the
-SDK's types. Imports no SDK."""
+``cache=`` options, how request arguments become key data, how a cache learns the
+SDK's types, the namespace check, the gateway built for a wrapper and the wrapper's
+base class. Imports no SDK."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
 
+from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.validation import check_bool
+from aiocache_llm.gateway.gateway import InferenceGateway
 
 __all__ = [
     "CACHE_OPTION_NAMES",
     "CacheOptions",
+    "WrappedClient",
     "cache_options",
+    "check_namespace",
     "endpoint",
+    "gateway_for",
     "is_one_shot",
     "key_value",
     "register_types",
@@ -104,3 +111,104 @@ def endpoint(client: object) -> str:
         host = f"{host}:{parts.port}"
     # a user:password@ in the URL is a credential, and a query may carry one too
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def check_namespace(namespace: object, default: Callable[[], str]) -> str:
+    """``namespace`` if it is a non-empty ``str``; ``default()`` when it is None."""
+    if namespace is None:
+        return default()
+    if type(namespace) is not str:
+        raise InvalidInputTypeError(f"namespace must be a str, got {type(namespace).__name__}")
+    if not namespace:
+        raise InvalidInputError("namespace must not be empty")
+    return namespace
+
+
+def gateway_for(
+    wrapper: str,
+    provider: object,
+    value_types: Iterable[type[BaseModel]],
+    gateway_options: dict[str, Any],
+) -> tuple[InferenceGateway, MemoryExactCache | None]:
+    """The gateway a wrapper answers through, and the cache it built for it (or None).
+
+    Without ``exact_cache``, a :class:`MemoryExactCache` that knows ``value_types`` is
+    built (with ``normalize=`` when given); caches passed in are taught the types when
+    they can learn them (:func:`register_types`).
+    """
+    if "provider" in gateway_options:
+        raise InvalidInputError(f"{wrapper} builds the provider from the client: drop provider=")
+    types = tuple(value_types)
+    owned: MemoryExactCache | None = None
+    if gateway_options.get("exact_cache") is None:
+        normalize = gateway_options.pop("normalize", None)
+        owned = MemoryExactCache(value_types=types, normalize=normalize)
+        gateway_options["exact_cache"] = owned
+    for name in ("exact_cache", "semantic_cache"):
+        register_types(gateway_options.get(name), types)
+    return InferenceGateway(provider, **gateway_options), owned
+
+
+_Wrapped = TypeVar("_Wrapped", bound="WrappedClient")
+
+
+class WrappedClient:
+    """What a wrapper shares: its gateway, its namespace, the cache it built, and every
+    other attribute passed through to the SDK client (not cached).
+
+    ``aclose()`` (or leaving ``async with``) closes the gateway and the cache built for
+    it (idempotent); the SDK client stays open: it is the caller's.
+    """
+
+    __slots__ = ("_cache", "_client", "_gateway", "_namespace")
+
+    def __init__(
+        self, client: Any, gateway: InferenceGateway, namespace: str, owned: MemoryExactCache | None
+    ) -> None:
+        self._client = client
+        self._gateway = gateway
+        self._namespace = namespace
+        self._cache = owned
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only for names not found on the wrapper: the client's own attributes
+        if name.startswith("__") or name in _OWN_SLOTS or name in type(self).__slots__:
+            raise AttributeError(name)
+        return getattr(self._client, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(namespace={self._namespace!r}, gateway={self._gateway!r})"
+
+    @property
+    def gateway(self) -> InferenceGateway:
+        """The gateway the wrapped calls go through (stats, lifecycle).
+
+        Requests made on it directly are keyed without this wrapper's namespace: go
+        through the wrapped ``create`` to share this wrapper's entries.
+        """
+        return self._gateway
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this wrapper's entries are filed under."""
+        return self._namespace
+
+    async def aclose(self) -> None:
+        """Close the gateway and the cache built for it (idempotent); not the client."""
+        await self._gateway.aclose()
+        if self._cache is not None:
+            await self._cache.aclose()
+
+    async def __aenter__(self: _Wrapped) -> _Wrapped:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+_OWN_SLOTS = frozenset(WrappedClient.__slots__)
