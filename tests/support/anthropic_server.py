@@ -61,15 +61,14 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from types import TracebackType
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anthropic
-import uvicorn
+
+from tests.support.loopback_server import LoopbackServer, StreamAborted
 
 __all__ = [
     "FakeAnthropicServer",
@@ -98,13 +97,6 @@ _ERROR_KINDS: dict[int, tuple[str, str]] = {
     500: ("api_error", "Internal server error."),
     529: ("overloaded_error", "Overloaded"),
 }
-
-
-class StreamAborted(Exception):
-    """Raised inside the ASGI app to cut a stream on purpose (``fail_after``).
-
-    uvicorn answers it by closing the connection mid-body; its log record is filtered out.
-    """
 
 
 def message_text(content: Any) -> str:
@@ -159,136 +151,18 @@ def prompt_chars(body: JSON) -> int:
     return total
 
 
-class _InProcessServer(uvicorn.Server):
-    """A uvicorn server that leaves the process's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class _DropDeliberateAborts(logging.Filter):
-    """Keeps uvicorn from logging the tracebacks of ``StreamAborted``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, StreamAborted)
-
-
-class FakeAnthropicServer:
+class FakeAnthropicServer(LoopbackServer):
     """An Anthropic-compatible ``/v1/messages`` endpoint on ``127.0.0.1``, in this loop.
 
     Use it as ``async with FakeAnthropicServer() as server:``; ``server.client()`` gives a
-    real ``anthropic.AsyncAnthropic`` pointed at it. See the module docstring for the
-    answers it gives, the test controls and the counters.
+    real ``anthropic.AsyncAnthropic`` pointed at it (its ``base_url`` has no ``/v1``: the
+    SDK adds it to every path). See the module docstring for the answers it gives, the
+    test controls and the counters (``headers`` too: the request headers, in order).
     """
 
-    def __init__(
-        self,
-        *,
-        pieces: int | None = None,
-        chunk_delay: float = 0.0,
-        fail_after: int | None = None,
-        status_error: int | None = None,
-        reply: Callable[[JSON], str] | None = None,
-        shutdown_timeout: int = 2,
-    ) -> None:
-        """Configure the server; nothing listens until ``start()`` or ``async with``.
-
-        ``pieces``: how the answer is cut for streaming (see ``split_pieces``).
-        ``reply``: computes the answer text from the request body (default ``echo_reply``).
-        ``shutdown_timeout``: seconds ``stop()`` lets requests still running finish.
-        """
-        self.host = "127.0.0.1"
-        self.port: int | None = None
-        self.pieces = pieces
-        self.chunk_delay = chunk_delay
-        self.fail_after = fail_after
-        self.status_error = status_error
-        self.reply = reply
-        self.shutdown_timeout = shutdown_timeout
-        self.requests = 0
-        self.stream_requests = 0
-        self.bodies: list[JSON] = []
+    def _reset_counters(self) -> None:
+        super()._reset_counters()
         self.headers: list[dict[str, str]] = []
-        self.streams_completed = 0
-        self.streams_aborted = 0
-        self.streams_closed_early = 0
-        self._server: _InProcessServer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._clients: list[anthropic.AsyncAnthropic] = []
-        self._log_filter = _DropDeliberateAborts()
-
-    # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``, the ``base_url`` for an Anthropic client (no ``/v1``:
-        the SDK adds it to every path)."""
-        if self.port is None:
-            raise RuntimeError("FakeAnthropicServer is not running")
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self, timeout: float = 5.0) -> None:
-        """Start listening on a free loopback port; returns once uvicorn has started."""
-        if self._task is not None:
-            raise RuntimeError("FakeAnthropicServer already started")
-        config = uvicorn.Config(
-            self._asgi,
-            host=self.host,
-            port=0,
-            interface="asgi3",
-            http="h11",
-            ws="none",
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=self.shutdown_timeout,
-        )
-        logging.getLogger("uvicorn.error").addFilter(self._log_filter)
-        server = _InProcessServer(config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(), name="fake-anthropic-server")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not server.started:
-            if self._task.done():
-                await self._task
-                raise RuntimeError("uvicorn stopped before it started")
-            if loop.time() > deadline:
-                await self.stop()
-                raise TimeoutError(f"uvicorn did not start within {timeout} s")
-            await asyncio.sleep(0.005)
-        self.port = int(server.servers[0].sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        """Close the clients made by ``client()``, then stop uvicorn and wait for it."""
-        clients, self._clients = self._clients, []
-        for client in clients:
-            await client.close()
-        try:
-            if self._server is not None:
-                self._server.should_exit = True
-            if self._task is not None:
-                await self._task
-        finally:
-            self._server = None
-            self._task = None
-            self.port = None
-            logging.getLogger("uvicorn.error").removeFilter(self._log_filter)
-
-    async def __aenter__(self) -> FakeAnthropicServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def client(self, **kwargs: Any) -> anthropic.AsyncAnthropic:
         """A real ``anthropic.AsyncAnthropic`` for this server, closed by ``stop()``.
@@ -300,34 +174,10 @@ class FakeAnthropicServer:
         options.update(kwargs)
         if "http_client" not in options:
             options["http_client"] = anthropic.DefaultAsyncHttpxClient(trust_env=False)
-        client = anthropic.AsyncAnthropic(base_url=self.base_url, **options)
-        self._clients.append(client)
+        client: anthropic.AsyncAnthropic = self._keep(
+            anthropic.AsyncAnthropic(base_url=self.base_url, **options)
+        )
         return client
-
-    def reset(self) -> None:
-        """Zero the counters and set the test controls back to their defaults."""
-        self.chunk_delay = 0.0
-        self.fail_after = None
-        self.status_error = None
-        self.requests = 0
-        self.stream_requests = 0
-        self.bodies = []
-        self.headers = []
-        self.streams_completed = 0
-        self.streams_aborted = 0
-        self.streams_closed_early = 0
-
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 2.0) -> None:
-        """Poll ``condition`` until it holds; ``TimeoutError`` after ``timeout`` seconds.
-
-        For server-side effects that trail the client, such as ``streams_closed_early``.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not condition():
-            if loop.time() > deadline:
-                raise TimeoutError(f"condition not met within {timeout} s")
-            await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------------ answers
 
