@@ -22,6 +22,10 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
+# LiteLLM downloads a price list from the internet when imported unless told not to; any
+# test (or a library it imports) may be the first to import it.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 REDIS_URL = os.environ.get("AIOCACHE_LLM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("AIOCACHE_LLM_REQUIRE_REDIS") == "1"
 

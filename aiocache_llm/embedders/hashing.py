@@ -1,4 +1,4 @@
-"""Built-in embedders: small, dependency-free ``embed_fn`` implementations."""
+"""A dependency-free bag-of-words embedder for tests and demos."""
 
 from __future__ import annotations
 
