@@ -44,7 +44,7 @@ from aiocache_llm.core.query import (
 from aiocache_llm.core.recorded import RecordedStream
 from aiocache_llm.core.stats import CacheStats, ChatMemoryStats, RateLimiterStats
 from aiocache_llm.core.values import LLMResponse, Usage
-from aiocache_llm.embedders import HashingEmbedder
+from aiocache_llm.embedders import CachedEmbedder, CachedEmbedderStats, HashingEmbedder
 from aiocache_llm.gateway.decorator import CachedFunction, CachedStreamFunction, cached_completion
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.stats import GatewayStats
@@ -52,14 +52,29 @@ from aiocache_llm.gateway.streaming import ChunkStream
 from aiocache_llm.gateway.tokens import estimate_tokens
 from aiocache_llm.gateway.warm import WarmFailure, WarmReport
 from aiocache_llm.protocols import (
+    AsyncBudgetedRateLimiter,
     AsyncChatMemory,
     AsyncExactCache,
+    AsyncFailurePolicyRateLimiter,
+    AsyncFleetExactCache,
     AsyncMessageChatMemory,
     AsyncRateLimiter,
     AsyncReservingRateLimiter,
     AsyncSemanticCache,
+    AsyncSignatureKeyedCache,
     AsyncUsageRecordingRateLimiter,
     Reservation,
+    StreamingProvider,
+    SupportsInlineCompletion,
+    SupportsValueCodec,
+)
+from aiocache_llm.semantic import (
+    Calibration,
+    CalibrationError,
+    LabelledPair,
+    SemanticGuard,
+    ShadowRecord,
+    calibrate_threshold,
 )
 
 __version__ = "0.1.0"
@@ -91,6 +106,14 @@ __all__ = [
     "AsyncReservingRateLimiter",
     "AsyncUsageRecordingRateLimiter",
     "Reservation",
+    # layer 1: capabilities the gateway checks (a wrapper that forwards them keeps them)
+    "AsyncSignatureKeyedCache",
+    "SupportsInlineCompletion",
+    "SupportsValueCodec",
+    "AsyncFleetExactCache",
+    "AsyncBudgetedRateLimiter",
+    "AsyncFailurePolicyRateLimiter",
+    "StreamingProvider",
     "MemoryExactCache",
     "RedisExactCache",
     "MemorySemanticCache",
@@ -100,7 +123,16 @@ __all__ = [
     "MemoryChatMemory",
     "RedisChatMemory",
     "HashingEmbedder",
+    "CachedEmbedder",
+    "CachedEmbedderStats",
     "AnnConfig",
+    # semantic quality
+    "SemanticGuard",
+    "calibrate_threshold",
+    "Calibration",
+    "CalibrationError",
+    "LabelledPair",
+    "ShadowRecord",
     # layer 2: coalescing
     "SingleFlight",
     "SingleFlightStats",

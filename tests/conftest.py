@@ -1,10 +1,17 @@
-"""Shared fixtures: the three backends every contract suite runs on, and a fake clock.
+"""Shared fixtures: the backends the contract suites run on, and a fake clock.
 
 ``backend`` is ``"memory"``, ``"fakeredis"`` or ``"redis"`` (the real server at
 ``AIOCACHE_LLM_TEST_REDIS_URL``, default ``redis://127.0.0.1:6379/0``). Real-server
 tests carry the ``redis`` marker. They skip when the server is unreachable, except
 when ``AIOCACHE_LLM_REQUIRE_REDIS=1`` (set by ``.ci/run``): then they fail.
 Every Redis test writes under its own random key prefix and deletes it afterwards.
+
+Two more backends, ``"cluster"`` (a private 6-node Redis Cluster started once per
+session from ``redis-server`` processes, see ``tests/support/redis_cluster.py``) and
+``"sentinel"`` (a primary, a replica and a sentinel, ``tests/support/redis_sentinel.py``),
+are in ``CLUSTER_BACKENDS``: the suites whose objects run there add them with their
+own ``backend`` fixture (:func:`open_backend`). They carry the ``cluster`` marker and
+skip when the binaries are missing (fail with ``AIOCACHE_LLM_REQUIRE_REDIS=1``).
 """
 
 from __future__ import annotations
@@ -13,14 +20,21 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import fakeredis
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+from aiocache_llm.backends.redis.cluster import scan_keys, unlink_keys
+from tests.support.redis_cluster import LocalCluster, running_cluster
+from tests.support.redis_sentinel import SERVICE, LocalSentinel, running_sentinel
 
 # LiteLLM downloads a price list from the internet when imported unless told not to; any
 # test (or a library it imports) may be the first to import it.
@@ -35,6 +49,21 @@ BACKENDS = [
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
 ]
 REDIS_BACKENDS = BACKENDS[1:]
+CLUSTER_BACKENDS = [
+    pytest.param("cluster", id="cluster", marks=pytest.mark.cluster),
+    pytest.param("sentinel", id="sentinel", marks=pytest.mark.cluster),
+]
+ALL_BACKENDS = BACKENDS + CLUSTER_BACKENDS
+"""memory, fakeredis, redis, cluster and sentinel: for suites whose objects run on all."""
+ALL_REDIS_BACKENDS = REDIS_BACKENDS + CLUSTER_BACKENDS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cluster: runs on a private Redis Cluster or Sentinel setup started from "
+        "redis-server processes (skipped when the binaries are missing)",
+    )
 
 
 def _redis_reachable() -> bool:
@@ -70,16 +99,55 @@ class RedisTarget:
     url: str | None
 
 
-async def _delete_prefix(client: Redis, prefix: str) -> None:
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.unlink(*keys)
+async def _delete_prefix(client: Redis | RedisCluster, prefix: str) -> None:
+    # every primary of a cluster; keys of a prefix with no hash tag span its slots
+    async for keys in scan_keys(client, f"{prefix}*", count=1000):
+        await unlink_keys(client, keys)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A private 6-node Redis Cluster (3 primaries, 3 replicas) for the whole session."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A private primary + replica + sentinel for the whole session."""
+    with running_sentinel() as setup:
+        yield setup
 
 
 @asynccontextmanager
-async def open_redis_target(kind: str) -> AsyncIterator[RedisTarget]:
-    """A client and a private prefix on ``"fakeredis"`` or ``"redis"``, cleaned up on exit."""
+async def open_redis_target(
+    kind: str, request: pytest.FixtureRequest | None = None
+) -> AsyncIterator[RedisTarget]:
+    """A client and a private prefix on ``"fakeredis"``, ``"redis"``, ``"cluster"`` or
+    ``"sentinel"`` (these two need the test's ``request``), cleaned up on exit."""
     prefix = f"test:{uuid.uuid4().hex[:12]}"
+    if kind in ("cluster", "sentinel"):
+        assert request is not None, f"a {kind} target needs the test's request"
+        client: Any
+        if kind == "cluster":
+            cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+            client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in cluster.startup_nodes]
+            )
+            await client.initialize()
+            url = cluster.url
+        else:
+            setup: LocalSentinel = request.getfixturevalue("redis_sentinel")
+            sentinel = Sentinel([("127.0.0.1", setup.sentinel_port)])
+            client = sentinel.master_for(SERVICE)
+            url = setup.url
+        try:
+            yield RedisTarget(cast(Redis, client), prefix, url)
+        finally:
+            await _delete_prefix(client, prefix)
+            await _delete_prefix(client, "{" + prefix + "}")  # a hash-tagged form of it
+            await client.aclose()
+        return
     if kind == "fakeredis":
         fake: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         try:
@@ -126,15 +194,22 @@ class Backend:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    """Parametrizes a test over memory, fakeredis and the real Redis."""
+@asynccontextmanager
+async def open_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """The :class:`Backend` named by ``request.param`` (any of ``ALL_BACKENDS``)."""
     clock = FakeClock()
     if request.param == "memory":
         yield Backend("memory", clock, None)
         return
-    async with open_redis_target(request.param) as target:
+    async with open_redis_target(request.param, request) as target:
         yield Backend(request.param, clock, target)
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Parametrizes a test over memory, fakeredis and the real Redis."""
+    async with open_backend(request) as backend:
+        yield backend
 
 
 class FakeClock:

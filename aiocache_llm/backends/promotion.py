@@ -30,7 +30,12 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from aiocache_llm.core.query import Query
 
-__all__ = ["PromotingSemanticCache", "SemanticHit", "promotion_ttl"]
+__all__ = [
+    "PromotingSemanticCache",
+    "SemanticHit",
+    "SupportsPromotionConflict",
+    "promotion_ttl",
+]
 
 
 class SemanticHit(NamedTuple):
@@ -67,6 +72,21 @@ class PromotingSemanticCache(Protocol):
         Returns False, storing nothing, when ``exact_cache`` cannot be tied to this
         cache or the entry is gone.
         """
+        ...
+
+
+@runtime_checkable
+class SupportsPromotionConflict(Protocol):
+    """A semantic cache that can tell, before any request, a pairing that never promotes.
+
+    On a Redis Cluster a :class:`RedisSemanticCache` promotes only into an exact cache
+    whose entries share its hash slot; the gateway asks at construction and refuses a
+    pairing that could never promote (a reason string), instead of silently losing
+    every promotion.
+    """
+
+    def promotion_conflict(self, exact_cache: object) -> str | None:
+        """Why promotions into ``exact_cache`` can never work here, or None."""
         ...
 
 

@@ -32,6 +32,10 @@ reaches every waiter, and the next request computes it again.
 Notifications arrive on one channel subscription per coalescer (per process),
 started on the first wait. Redis failures never fail a call: coordination is
 abandoned and ``compute()`` runs directly (the guard counts and logs it).
+
+On a Redis Cluster the lease and its waiter marker share a hash slot (the digest
+is their hash tag), so each script touches one slot; the notification is a classic
+``PUBLISH``, which the cluster delivers to subscribers on every node.
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.commands.core import AsyncScript
 
 from aiocache_llm.backends.redis.connection import (
     DRIVER_ERRORS,
     backend_error,
     bind_to_running_loop,
+    ensure_ready,
 )
 from aiocache_llm.core.codec import ValueCodec
 from aiocache_llm.core.errors import CorruptEntryError, InvalidInputError, InvalidInputTypeError
@@ -63,6 +69,7 @@ __all__ = [
     "RENEW_LEASE",
     "FleetCoalescer",
     "keep_renewing",
+    "lease_key_of",
 ]
 
 logger = logging.getLogger("aiocache_llm.coalescing")
@@ -126,6 +133,12 @@ _UNREACHABLE = object()
 _UNDECODABLE = object()
 
 
+def lease_key_of(prefix: str, digest: str) -> str:
+    """The lease key of ``digest``: ``{prefix}:lease:{<digest>}`` (the digest is the hash
+    tag, unless ``prefix`` holds one: then the prefix's tag places every lease)."""
+    return f"{prefix}:lease:{{{digest}}}"
+
+
 async def keep_renewing(
     guard: BackendGuard, renew: AsyncScript, lease_key: str, token: str, lease_ms: int
 ) -> None:
@@ -149,13 +162,13 @@ class _Notifier:
     granted literally.
     """
 
-    def __init__(self, client: Redis, channel: str) -> None:
+    def __init__(self, client: Redis | RedisCluster, channel: str) -> None:
         self._client = client
         self._channel = channel
         self._waiters: dict[bytes, set[asyncio.Future[bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._pubsub: PubSub | None = None
+        self._pubsub: PubSub | ClusterPubSub | None = None
 
     async def start(self) -> None:
         """Return once the subscription is confirmed by the server; restarts a dead reader
@@ -185,6 +198,7 @@ class _Notifier:
     async def _read(self) -> None:
         ready = self._ready
         assert ready is not None
+        # a cluster's pubsub listens on one node: a classic PUBLISH reaches every node
         pubsub = self._client.pubsub()
         self._pubsub = pubsub
         try:
@@ -225,8 +239,9 @@ class FleetCoalescer:
     ``lease_seconds`` is how long a silent (dead) leader blocks the others before one
     takes over; a live leader renews it every third of that. ``max_wait_seconds``
     bounds how long a waiter waits in all before computing by itself. Keys are
-    ``{key_prefix}:lease:{digest}`` (plus ``:w`` for the waiter marker) and the
-    notification channel ``{key_prefix}:lease-done`` (messages ``<digest> <outcome>``).
+    ``{key_prefix}:lease:{<digest>}`` (plus ``:w`` for the waiter marker; the braces
+    are a Redis Cluster hash tag: both keys share a slot) and the notification channel
+    ``{key_prefix}:lease-done`` (messages ``<digest> <outcome>``).
 
     With a ``codec`` (the shared cache's, which knows the declared value types), a
     leader sends its answer in the notification when it encodes to at most
@@ -237,7 +252,7 @@ class FleetCoalescer:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         key_prefix: str,
         *,
         guard: BackendGuard | None = None,
@@ -295,14 +310,14 @@ class FleetCoalescer:
         waiters can neither receive nor read makes each of them call ``compute`` at
         once (concurrently across the fleet), never wait for a lease in turn.
         """
-        lease_key = f"{self._prefix}:lease:{digest}"
+        lease_key = lease_key_of(self._prefix, digest)
         marker_key = f"{lease_key}:w"
         watched = digest.encode()
         token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._max_wait
         bind_to_running_loop(self._client)
-        if await self._guard.call(self._notifier.start, _UNREACHABLE) is _UNREACHABLE:
+        if await self._guard.call(self._start, _UNREACHABLE) is _UNREACHABLE:
             return await compute()
         tried = False
         while True:
@@ -410,6 +425,10 @@ class FleetCoalescer:
         except CorruptEntryError:
             # a model type this process does not declare, or bytes we did not write
             return _UNDECODABLE
+
+    async def _start(self) -> None:
+        await ensure_ready(self._client)  # a cluster client's topology, fetched once
+        await self._notifier.start()
 
     async def _keep_renewing(self, lease_key: str, token: str) -> None:
         await keep_renewing(self._guard, self._renew_lease, lease_key, token, self._lease_ms)

@@ -5,7 +5,7 @@ has already reduced each process to one flight:
 
 1. ``CLAIM_STREAM`` (one round trip): ``SET lease token NX PX``. The winner *leads*:
    it calls the provider, publishes into its local broadcast, and appends every
-   chunk to the Redis stream ``{key_prefix}:live:{digest}:{token}`` (``PUBLISH_CHUNKS``:
+   chunk to the Redis stream ``{key_prefix}:live:{<digest>}:{token}`` (``PUBLISH_CHUNKS``:
    XADD with an approximate ``MAXLEN`` bound and a ``PEXPIRE``, batched: chunks that
    arrive while a write is in flight go out together in the next one), then an end
    marker (``e``) or an error marker (``x``: the error's type name and message). It
@@ -38,11 +38,16 @@ from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, bind_to_running_loop
+from aiocache_llm.backends.redis.connection import (
+    DRIVER_ERRORS,
+    bind_to_running_loop,
+    ensure_ready,
+)
 from aiocache_llm.backends.redis.lane import CommandLane
 from aiocache_llm.coalescing.broadcast import ProducerLost, StreamBroadcast
-from aiocache_llm.coalescing.fleet import RENEW_LEASE, keep_renewing
+from aiocache_llm.coalescing.fleet import RENEW_LEASE, keep_renewing, lease_key_of
 from aiocache_llm.core.codec import ValueCodec
 from aiocache_llm.core.deadline import deadline
 from aiocache_llm.core.errors import (
@@ -187,12 +192,13 @@ class FleetStreams:
     it); a follower that sees no first chunk within ``max_wait_seconds`` streams from
     the provider itself; ``max_chunks`` bounds a live Redis stream (approximate ``MAXLEN``); the
     stream key expires ``3 * lease_seconds`` after its last write. Keys:
-    ``{key_prefix}:lease:{digest}`` and ``{key_prefix}:live:{digest}:{token}``.
+    ``{key_prefix}:lease:{<digest>}`` and ``{key_prefix}:live:{<digest>}:{token}`` (the
+    braces are a Redis Cluster hash tag: a key's lease and streams share a slot).
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         key_prefix: str,
         *,
         codec: ValueCodec,
@@ -224,6 +230,10 @@ class FleetStreams:
         self.gave_up = 0
         """Follows that saw no first chunk within ``max_wait_seconds`` and streamed alone."""
 
+    async def _claim_lease(self, lease_key: str, token: str) -> Any:
+        await ensure_ready(self._client)  # a cluster client's topology, fetched once
+        return await self._claim(keys=[lease_key], args=[token, self._lease_ms])
+
     def __repr__(self) -> str:
         return (
             f"FleetStreams(key_prefix={self._prefix!r}, lease_ms={self._lease_ms}, "
@@ -245,11 +255,11 @@ class FleetStreams:
         ``produce`` raised, :class:`RemoteProviderError` when the leader's provider
         failed, and :class:`ProducerLost` when the leader died mid-stream.
         """
-        lease_key = f"{self._prefix}:lease:{digest}"
+        lease_key = lease_key_of(self._prefix, digest)
         token = secrets.token_hex(16)
         bind_to_running_loop(self._client)
         claim: Any = await self._guard.call(
-            lambda: self._claim(keys=[lease_key], args=[token, self._lease_ms]), _UNREACHABLE
+            lambda: self._claim_lease(lease_key, token), _UNREACHABLE
         )
         if claim is _UNREACHABLE:
             await produce(None)
@@ -266,7 +276,7 @@ class FleetStreams:
         if not holder:  # released between our SET and GET: the recording is being stored
             raise ProducerLost("the fleet leader finished before we could follow it")
         self.followed += 1
-        stream_key = f"{self._prefix}:live:{digest}:{holder}"
+        stream_key = f"{self._prefix}:live:{{{digest}}}:{holder}"
         if not await self._follow(stream_key, lease_key, holder, flight):
             self.followed -= 1
             self.gave_up += 1
@@ -290,7 +300,7 @@ class FleetStreams:
         renewer = asyncio.ensure_future(
             keep_renewing(self._guard, self._renew, lease_key, token, self._lease_ms)
         )
-        publisher = _Publisher(self, f"{self._prefix}:live:{digest}:{token}")
+        publisher = _Publisher(self, f"{self._prefix}:live:{{{digest}}}:{token}")
         try:
             found = await lookup()  # a previous leader may have stored just before we won
             if found is not None:

@@ -47,6 +47,9 @@ class CacheStats(BaseModel):
     ``undeclared_entries`` entries of a model type this process has not declared in
     ``value_types=`` (misses too, but the data is sound: declare the type), and
     ``evictions`` the entries removed to respect ``max_size``.
+    ``verifier_refusals`` (semantic caches built with ``verify=``) counts the
+    candidates the verifier did not accept, those it raised on included, and
+    ``verifier_errors`` the calls that raised (or returned something other than a bool).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -57,6 +60,8 @@ class CacheStats(BaseModel):
     evictions: int = 0
     corrupt_entries: int = 0
     undeclared_entries: int = 0
+    verifier_refusals: int = 0
+    verifier_errors: int = 0
 
     @property
     def total(self) -> int:

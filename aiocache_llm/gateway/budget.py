@@ -12,7 +12,9 @@ class: an :class:`AsyncReservingRateLimiter` reserves with handles (a refund onl
 shrinks the call's own grant); an :class:`AsyncUsageRecordingRateLimiter` records
 usage beyond the reservation. A limiter with neither is charged the extra by
 ``check_and_consume`` when it fits, and is never refunded (a refund that cannot name
-its grant could give back tokens another call used).
+its grant could give back tokens another call used). An
+:class:`AsyncBudgetedRateLimiter` tells its budget and window, so a refusal of a check
+that does not wait says when to retry.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiocache_llm.core.config import RateLimitConfig
 from aiocache_llm.core.errors import InvalidInputError, RateLimitExceeded
 from aiocache_llm.core.guard import BackendGuard
 from aiocache_llm.core.query import Query
 from aiocache_llm.gateway.tokens import reported_tokens
 from aiocache_llm.protocols import (
+    AsyncBudgetedRateLimiter,
     AsyncRateLimiter,
     AsyncReservingRateLimiter,
     AsyncUsageRecordingRateLimiter,
@@ -72,11 +76,13 @@ class TokenBudget:
         self._deny_when_down = deny_when_down
         self._reserving = limiter if isinstance(limiter, AsyncReservingRateLimiter) else None
         self._recording = limiter if isinstance(limiter, AsyncUsageRecordingRateLimiter) else None
-        config = getattr(limiter, "config", None)
-        budget = getattr(config, "budget", None)
-        window = getattr(config, "window_seconds", None)
-        self._budget = budget if isinstance(budget, int) else None
-        self._window = float(window) if isinstance(window, (int, float)) else None
+        self._budget: int | None = None
+        self._window: float | None = None
+        config = limiter.config if isinstance(limiter, AsyncBudgetedRateLimiter) else None
+        # the check sees only that a ``config`` exists: a foreign one tells nothing
+        if isinstance(config, RateLimitConfig):
+            self._budget = config.budget
+            self._window = float(config.window_seconds)
         self.refused = 0
 
     async def reserve(self, query: Query, user: str) -> BudgetHold | None:

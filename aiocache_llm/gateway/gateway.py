@@ -7,15 +7,18 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
-from aiocache_llm.backends.promotion import PromotingSemanticCache, SemanticHit
-from aiocache_llm.backends.redis.exact_cache import RedisExactCache
-from aiocache_llm.backends.redis.rate_limiter import RedisRateLimiter
-from aiocache_llm.coalescing.fleet import FleetCoalescer
+from aiocache_llm.backends.promotion import (
+    PromotingSemanticCache,
+    SemanticHit,
+    SupportsPromotionConflict,
+)
+from aiocache_llm.backends.verification import ProbingSemanticCache
+from aiocache_llm.coalescing.fleet import FleetCoalescer, lease_key_of
 from aiocache_llm.coalescing.fleet_stream import FleetStreams
 from aiocache_llm.coalescing.single_flight import SingleFlight
 from aiocache_llm.core.codec import ValueCodec
@@ -26,7 +29,7 @@ from aiocache_llm.core.errors import (
     ProviderTimeoutError,
     RateLimitExceeded,
 )
-from aiocache_llm.core.guard import BackendGuard
+from aiocache_llm.core.guard import BackendGuard, BreakerState
 from aiocache_llm.core.lifecycle import AsyncResource
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.recorded import RecordedStream
@@ -39,7 +42,9 @@ from aiocache_llm.core.validation import (
     check_positive_number,
 )
 from aiocache_llm.gateway.budget import TokenBudget
+from aiocache_llm.gateway.node_guards import NodeGuards, RoutedGuard, lease_route
 from aiocache_llm.gateway.request import MissRequest
+from aiocache_llm.gateway.shadow import DEFAULT_SHADOW_LOG_SIZE, ShadowLog
 from aiocache_llm.gateway.stats import GatewayStats, LatencyWindow
 from aiocache_llm.gateway.streaming import (
     ChunkStream,
@@ -50,9 +55,24 @@ from aiocache_llm.gateway.streaming import (
 )
 from aiocache_llm.gateway.tokens import estimate_tokens as default_estimate_tokens
 from aiocache_llm.gateway.warm import WarmReport, resolve_all
-from aiocache_llm.protocols import AsyncExactCache, AsyncRateLimiter, AsyncSemanticCache
+from aiocache_llm.protocols import (
+    AsyncExactCache,
+    AsyncFailurePolicyRateLimiter,
+    AsyncFleetExactCache,
+    AsyncRateLimiter,
+    AsyncSemanticCache,
+    AsyncSignatureKeyedCache,
+    StreamingProvider,
+    SupportsInlineCompletion,
+    SupportsNodeRouting,
+    SupportsValueCodec,
+)
+from aiocache_llm.semantic.shadow import ShadowRecord
 
-__all__ = ["InferenceGateway"]
+__all__ = ["SEMANTIC_MODES", "InferenceGateway", "SemanticMode"]
+
+SemanticMode = Literal["serve", "shadow", "off"]
+SEMANTIC_MODES: tuple[SemanticMode, ...] = ("serve", "shadow", "off")
 
 logger = logging.getLogger("aiocache_llm.gateway")
 
@@ -81,8 +101,14 @@ def _provider_function(provider: Any) -> Callable[[Query], Awaitable[Any]] | Non
 
 def _provider_stream_function(provider: Any) -> Callable[[Query], Any] | None:
     """The provider's ``stream(query)`` method, or None (then the callable is used)."""
-    stream = getattr(provider, "stream", None)
-    return stream if callable(stream) else None
+    if isinstance(provider, StreamingProvider) and callable(provider.stream):
+        return provider.stream
+    return None
+
+
+def _completes_inline(cache: object) -> bool:
+    """Whether ``cache`` promises that its coroutines never suspend (only ``True`` counts)."""
+    return isinstance(cache, SupportsInlineCompletion) and cache.completes_inline is True
 
 
 class InferenceGateway(AsyncResource):
@@ -91,15 +117,27 @@ class InferenceGateway(AsyncResource):
     Order of a resolve: exact cache -> (coalesced from here) semantic cache ->
     rate limit -> provider -> store in both caches. Concurrent identical misses make
     one provider call in this process (:class:`SingleFlight`) and, when the exact
-    cache is a :class:`RedisExactCache`, one across the fleet (a lease in Redis,
-    see :class:`FleetCoalescer`). Provider errors are never cached; they reach every
+    cache lives in a shared Redis (:class:`AsyncFleetExactCache`, e.g.
+    :class:`RedisExactCache`), one across the fleet (a lease in Redis, see
+    :class:`FleetCoalescer`). Provider errors are never cached; they reach every
     caller coalesced on the failed call.
+
+    What the gateway does with a component depends on its capabilities (see
+    :mod:`aiocache_llm.protocols`), never on its class, so a wrapper that forwards a
+    capability's members keeps it: an :class:`AsyncSignatureKeyedCache` is read and
+    written by a digest computed once per request; a cache that
+    :class:`SupportsInlineCompletion` runs without deadline or breaker; a
+    :class:`SupportsValueCodec` cache's codec decodes streamed chunks.
 
     A failing cache, limiter or lease backend never fails a resolve: each runs behind
     a :class:`BackendGuard` (``backend_timeout`` per operation, a circuit breaker
     that skips a dead backend for ``breaker_reset_after`` seconds after
     ``breaker_threshold`` consecutive failures), is counted in ``backend_errors``
-    and logged once per state change, and the provider answers.
+    and logged once per state change, and the provider answers. When the exact cache
+    can say which node serves a key (:class:`SupportsNodeRouting`: a Redis Cluster
+    primary), the exact cache and the fleet leases get one breaker per node (see
+    :mod:`aiocache_llm.gateway.node_guards`): a dead primary opens only its own, and
+    keys on healthy primaries keep their hits. :meth:`breaker_states` lists them.
 
     Rate limiting (with ``rate_limiter``) charges only provider calls, to the user of
     the caller that makes the call: ``estimate_tokens(query)`` before, reconciled with
@@ -111,8 +149,9 @@ class InferenceGateway(AsyncResource):
     at once with :class:`RateLimitExceeded`, None = wait as long as it takes).
     ``on_limiter_error`` says what to do when a limiter call fails (raises anything
     but :class:`RateLimitExceeded`, or overruns the gateway's deadline):
-    ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed). A
-    :class:`RedisRateLimiter` applies its own ``failure_mode`` first and raises only
+    ``"allow"`` (fail open, the default) or ``"deny"`` (fail closed). A limiter
+    with its own outage policy (:class:`AsyncFailurePolicyRateLimiter`, e.g.
+    :class:`RedisRateLimiter`) applies its ``failure_mode`` first and raises only
     with ``failure_mode="raise"``: build it so to let ``on_limiter_error`` decide
     (and count its failures in this gateway's ``backend_errors``); with "open" or
     "closed" it answers an outage itself and counts it in its own
@@ -123,14 +162,25 @@ class InferenceGateway(AsyncResource):
 
     With no cache given, a private :class:`MemoryExactCache` is used (closed with
     the gateway, keyed with ``normalize``); caches passed in belong to the caller and
-    are not closed. ``normalize`` with a supplied :class:`MemoryExactCache` or
-    :class:`RedisExactCache` raises :class:`InvalidInputError` (that cache keys queries
-    with its own hook); with another cache it keys only the coalescing.
+    are not closed. ``normalize`` with a supplied :class:`AsyncSignatureKeyedCache`
+    (both built-in exact caches) raises :class:`InvalidInputError` (that cache keys
+    queries with its own hook); with another cache it keys only the coalescing.
 
     A semantic hit is promoted into the exact cache (``promote_semantic_hits``) only
     through a semantic cache with the :class:`PromotingSemanticCache` capability, and
     only into an exact cache it can reach: the copy lives no longer than the original
     and is deleted with it (see :mod:`aiocache_llm.backends.promotion`).
+
+    ``semantic_mode`` says what the semantic cache is for: ``"serve"`` (the default:
+    read, served, filled), ``"shadow"`` (filled, and read by ``probe`` for every
+    request that reaches it, but never served: the provider answers, and what the
+    cache would have served is recorded as a :class:`ShadowRecord`, see
+    :mod:`aiocache_llm.gateway.shadow`) or ``"off"`` (neither read nor written).
+    Shadow records go to a log of the newest ``shadow_log_size`` records
+    (:meth:`shadow_records`) and to ``on_shadow(record)``, called outside the
+    request path. A shadow lookup costs what a semantic miss costs (an embedding and
+    a search, under ``semantic_timeout``); shadow mode needs a semantic cache with
+    ``probe`` (both built-in ones).
     """
 
     def __init__(
@@ -158,7 +208,21 @@ class InferenceGateway(AsyncResource):
         stream_idle_timeout: float | None = None,
         max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
         finish_abandoned_streams: bool = False,
+        semantic_mode: SemanticMode = "serve",
+        on_shadow: Callable[[ShadowRecord], Any] | None = None,
+        shadow_log_size: int = DEFAULT_SHADOW_LOG_SIZE,
     ) -> None:
+        if semantic_mode not in SEMANTIC_MODES:
+            raise InvalidInputError(
+                f"semantic_mode must be one of {', '.join(SEMANTIC_MODES)}, got {semantic_mode!r}"
+            )
+        if semantic_mode == "shadow" and not isinstance(semantic_cache, ProbingSemanticCache):
+            raise InvalidInputError(
+                "semantic_mode='shadow' needs a semantic_cache with probe() "
+                "(MemorySemanticCache, RedisSemanticCache)"
+            )
+        self._semantic_mode: SemanticMode = semantic_mode
+        self._shadow = ShadowLog(shadow_log_size, on_shadow)
         self._provider = _provider_function(provider)
         self._provider_stream = _provider_stream_function(provider)
         stream_idle_timeout = check_optional_positive_number(
@@ -184,13 +248,13 @@ class InferenceGateway(AsyncResource):
         deny_when_limiter_down = on_limiter_error == "deny"
         if (
             deny_when_limiter_down
-            and isinstance(rate_limiter, RedisRateLimiter)
+            and isinstance(rate_limiter, AsyncFailurePolicyRateLimiter)
             and rate_limiter.failure_mode == "open"
         ):
             raise InvalidInputError(
-                "on_limiter_error='deny' never applies to a RedisRateLimiter with "
-                "failure_mode='open' (it grants when Redis is down): build the limiter "
-                "with failure_mode='closed' or 'raise'"
+                f"on_limiter_error='deny' never applies to a {type(rate_limiter).__name__} "
+                "with failure_mode='open' (it grants when its backend is down): build the "
+                "limiter with failure_mode='closed' or 'raise'"
             )
         self._promote = bool(promote_semantic_hits)
         self._anonymous = check_id("anonymous_user", anonymous_user)
@@ -214,7 +278,7 @@ class InferenceGateway(AsyncResource):
             )
 
         self._owns_exact = exact_cache is None
-        if normalize is not None and isinstance(exact_cache, (MemoryExactCache, RedisExactCache)):
+        if normalize is not None and isinstance(exact_cache, AsyncSignatureKeyedCache):
             # the cache keys queries with its own hook, and so do its get/invalidate
             # calls made outside the gateway: a second hook here would split the keys
             raise InvalidInputError(
@@ -224,26 +288,45 @@ class InferenceGateway(AsyncResource):
         self._exact: AsyncExactCache = (
             MemoryExactCache(normalize=normalize) if exact_cache is None else exact_cache
         )
-        # our own caches take a digest computed once; others are keyed by the query
-        self._by_signature = isinstance(self._exact, (MemoryExactCache, RedisExactCache))
-        if isinstance(self._exact, (MemoryExactCache, RedisExactCache)):
-            self._signature: Callable[[Query], str] = self._exact.signature
+        # a signature-keyed cache takes a digest computed once; others get the query
+        self._keyed: AsyncSignatureKeyedCache | None = (
+            self._exact if isinstance(self._exact, AsyncSignatureKeyedCache) else None
+        )
+        if self._keyed is not None:
+            self._signature: Callable[[Query], str] = self._keyed.signature
         else:
             self._signature = QueryKeys(normalize).digest
-        # the memory cache does no I/O: no deadline, no breaker on the hottest path
-        self._exact_guard = (
+        # a cache that never suspends does no I/O: no deadline, no breaker on the
+        # hottest path. Otherwise one breaker per node when the cache can say which
+        # node serves a key (a Redis Cluster primary): a dead node trips only its keys
+        routing = self._exact if isinstance(self._exact, SupportsNodeRouting) else None
+        self._exact_prefix = "" if routing is None else routing.key_prefix
+        self._exact_guards: NodeGuards | None = (
             None
-            if isinstance(self._exact, MemoryExactCache)
-            else guard("exact cache", backend_timeout)
+            if _completes_inline(self._exact)
+            else NodeGuards(
+                "exact cache",
+                lambda name: guard(name, backend_timeout),
+                None if routing is None else routing.node_of,
+            )
         )
-        self._semantic = semantic_cache
+        self._exact_guard = None if self._exact_guards is None else self._exact_guards.fallback
+        # "off": the gateway never touches the semantic cache
+        self._semantic = None if semantic_mode == "off" else semantic_cache
         # promotions need a semantic cache that tells its hits' lifetimes (a capability,
         # not a class): a copy must never outlive its original
         self._promoter: PromotingSemanticCache | None = (
-            semantic_cache
-            if self._promote and isinstance(semantic_cache, PromotingSemanticCache)
+            self._semantic
+            if self._promote and isinstance(self._semantic, PromotingSemanticCache)
             else None
         )
+        conflict = (
+            self._promoter.promotion_conflict(self._keyed)
+            if self._keyed is not None and isinstance(self._promoter, SupportsPromotionConflict)
+            else None
+        )
+        if conflict is not None:
+            raise InvalidInputError(f"{conflict}, or pass promote_semantic_hits=False")
         self._semantic_guard = guard("semantic cache", semantic_timeout)
         limiter_timeout: float | None = backend_timeout
         if rate_limit_timeout is None:
@@ -252,7 +335,7 @@ class InferenceGateway(AsyncResource):
             limiter_timeout = rate_limit_timeout + backend_timeout
         if (
             limiter_timeout is not None
-            and isinstance(rate_limiter, RedisRateLimiter)
+            and isinstance(rate_limiter, AsyncFailurePolicyRateLimiter)
             and rate_limiter.failure_mode != "raise"
         ):
             # it bounds its own round trips and answers by its policy: ours is a backstop
@@ -271,25 +354,43 @@ class InferenceGateway(AsyncResource):
             )
         )
         self._fleet: FleetCoalescer | None = None
-        if fleet_coalescing and isinstance(self._exact, RedisExactCache):
-            assert self._exact_guard is not None
+        # the leases' own guard, when the exact cache has none (counted in stats too)
+        self._lease_guard: BackendGuard | None = None
+        self._lease_guards: NodeGuards | None = None
+        fleet_streams = None
+        codec = self._exact.codec if isinstance(self._exact, SupportsValueCodec) else None
+        # a wrapper may forward a codec-like object of its own: only a real one is used
+        stream_codec = codec if isinstance(codec, ValueCodec) else ValueCodec()
+        if fleet_coalescing and isinstance(self._exact, AsyncFleetExactCache):
+            shared = self._exact
+            # leases always wait on Redis: they share the cache's guards (one per node
+            # when the cache names nodes: a lease's node is that of its key), or get
+            # their own if the cache claims never to suspend
+            lease_guards = self._exact_guards
+            if lease_guards is None:
+                lease_guards = self._lease_guards = NodeGuards(
+                    "fleet leases",
+                    lambda name: guard(name, backend_timeout),
+                    None if routing is None else routing.node_of,
+                )
+                self._lease_guard = lease_guards.fallback
+            prefix = shared.key_prefix
+            lease_guard: BackendGuard = RoutedGuard(
+                lease_guards, lambda digest: lease_key_of(prefix, digest)
+            )
             self._fleet = FleetCoalescer(
-                self._exact.client,
-                self._exact.key_prefix,
-                guard=self._exact_guard,
+                shared.client,
+                shared.key_prefix,
+                guard=lease_guard,
                 lease_seconds=lease_seconds,
                 max_wait_seconds=fleet_max_wait,
-                codec=self._exact.codec,  # waiters decode an answer sent inline
+                codec=stream_codec,  # waiters decode an answer sent inline
             )
-        codec = getattr(self._exact, "codec", None)
-        stream_codec = codec if isinstance(codec, ValueCodec) else ValueCodec()
-        fleet_streams = None
-        if self._fleet is not None and isinstance(self._exact, RedisExactCache):
             fleet_streams = FleetStreams(
-                self._exact.client,
-                self._exact.key_prefix,
+                shared.client,
+                shared.key_prefix,
                 codec=stream_codec,
-                guard=self._exact_guard or guard("exact cache", backend_timeout),
+                guard=lease_guard,
                 lease_seconds=lease_seconds,
                 max_wait_seconds=fleet_max_wait,
             )
@@ -388,12 +489,13 @@ class InferenceGateway(AsyncResource):
         the first chunk is asked for; the query is keyed now, so bad input raises here.
         A cached stream is replayed (same chunks, same order, same types, fresh copies);
         otherwise the answer is shared live with every concurrent identical stream
-        (a late joiner first gets the chunks so far), and across processes with a
-        :class:`RedisExactCache`. The provider streams through its ``stream(query)``
-        method when it has one; otherwise it is called with the query (a mapping gets
-        ``"stream": True``) and must return an async iterable of chunks, or an
-        awaitable of one, such as an SDK's stream. A stream that ends normally is
-        stored (one entry); a failed, abandoned or oversized one is not.
+        (a late joiner first gets the chunks so far), and across processes with an
+        :class:`AsyncFleetExactCache` (:class:`RedisExactCache`). The provider streams
+        through its ``stream(query)`` method when it has one; otherwise it is called
+        with the query (a mapping gets ``"stream": True``) and must return an async
+        iterable of chunks, or an awaitable of one, such as an SDK's stream. A stream
+        that ends normally is stored (one entry); a failed, abandoned or oversized one
+        is not.
 
         Errors come out of the iteration: :class:`RateLimitExceeded`,
         :class:`ProviderTimeoutError` (no first chunk within ``provider_timeout``, or
@@ -506,7 +608,9 @@ class InferenceGateway(AsyncResource):
     async def _fill(self, request: MissRequest) -> Any:
         """What one flight does: semantic lookup, then (fleet-coalesced) provider call."""
         query, digest = request.query, request.digest
-        if self._semantic is not None and request.read:
+        if self._semantic_mode == "shadow" and request.read:
+            await self._shadow_probe(query)
+        elif self._semantic is not None and request.read:
             value, hit = await self._semantic_lookup(query)
             if value is not None and type(value) is not RecordedStream:
                 self._semantic_hits += 1
@@ -519,7 +623,10 @@ class InferenceGateway(AsyncResource):
             return await self._call_and_store(request)
 
         if self._fleet is not None and request.read and not request.no_store:
-            return await self._fleet.run(digest, lambda: self._plain_get(query, digest), compute)
+            with lease_route(digest):  # the lease's calls go to its node's breaker
+                return await self._fleet.run(
+                    digest, lambda: self._plain_get(query, digest), compute
+                )
         if request.read:
             # a flight for this key may have stored its answer between our miss and now
             value = await self._plain_get(query, digest)
@@ -581,15 +688,14 @@ class InferenceGateway(AsyncResource):
 
     async def _exact_get(self, query: Query, digest: str, unavailable: Any = None) -> Any:
         """The exact cache's value, None on a miss, ``unavailable`` if it could not answer."""
-        exact = self._exact
-        if self._exact_guard is None:
-            return await exact.get_by_signature(digest)  # type: ignore[attr-defined]
-        if self._by_signature:
-            return await self._exact_guard.call(
-                lambda: exact.get_by_signature(digest),  # type: ignore[attr-defined]
-                unavailable,
-            )
-        return await self._exact_guard.call(lambda: exact.get(query), unavailable)
+        exact, keyed, guard = self._exact, self._keyed, self._exact_guard_of(digest)
+        if guard is None:
+            if keyed is not None:
+                return await keyed.get_by_signature(digest)
+            return await exact.get(query)
+        if keyed is not None:
+            return await guard.call(lambda: keyed.get_by_signature(digest), unavailable)
+        return await guard.call(lambda: exact.get(query), unavailable)
 
     async def _plain_get(self, query: Query, digest: str) -> Any:
         value = await self._exact_get(query, digest)
@@ -605,6 +711,32 @@ class InferenceGateway(AsyncResource):
             return (None, None) if hit is None else (hit.value, hit)
         return await self._semantic_guard.call(lambda: semantic.get(query), None), None
 
+    async def _shadow_probe(self, query: Query) -> None:
+        """Record what the semantic cache would serve for ``query`` (shadow mode).
+
+        The probe runs under the semantic cache's guard: a failure is counted in
+        ``backend_errors`` like any semantic lookup's and records nothing.
+        """
+        # checked at construction: a shadow gateway's semantic cache can probe
+        semantic = cast(ProbingSemanticCache, self._semantic)
+        probe = await self._semantic_guard.call(lambda: semantic.probe(query), None)
+        if probe is not None:
+            self._shadow.add(probe)
+
+    @property
+    def semantic_mode(self) -> SemanticMode:
+        """``"serve"``, ``"shadow"`` or ``"off"`` (see the class docstring)."""
+        return self._semantic_mode
+
+    def shadow_records(self, *, clear: bool = False) -> list[ShadowRecord]:
+        """The newest shadow records kept (at most ``shadow_log_size``), oldest first.
+
+        A copy; ``clear=True`` also empties the log. Label them
+        (``record.labelled(True)``) and pass them to
+        :func:`~aiocache_llm.semantic.calibrate_threshold`.
+        """
+        return self._shadow.records(clear=clear)
+
     async def _promote_hit(self, hit: SemanticHit | None, digest: str, ttl: float | None) -> None:
         """Copy a semantic hit into the exact cache under the request's own key.
 
@@ -614,24 +746,49 @@ class InferenceGateway(AsyncResource):
         without ``promote_semantic_hits``, from a semantic cache that cannot tell its
         hits' lifetimes, or into an exact cache the original cannot reach.
         """
-        promoter, exact = self._promoter, self._exact
-        if promoter is None or hit is None or not self._by_signature:
+        promoter, keyed = self._promoter, self._keyed
+        if promoter is None or hit is None or keyed is None:
             return
         await self._semantic_guard.call(
-            lambda: promoter.promote(hit, exact, digest, ttl_seconds=ttl), None
+            lambda: promoter.promote(hit, keyed, digest, ttl_seconds=ttl), None
         )
 
+    def _exact_guard_of(self, digest: str) -> BackendGuard | None:
+        """The exact cache's guard for ``digest``: that of the node serving its key."""
+        guards = self._exact_guards
+        if guards is None:
+            return None
+        return guards.for_key(f"{self._exact_prefix}:{digest}")
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        """Every circuit breaker of this gateway and its state now, by guard name.
+
+        The exact cache and fleet leases have one breaker per cluster node that served
+        a key so far (named ``"exact cache on host:port"``), besides the global one
+        (``"exact cache"``: keys whose node is unknown, a single server, an in-process
+        cache). ``stats()`` sums the counters of all of them.
+        """
+        return {guard.name: guard.state for guard in self._guards()}
+
+    def _guards(self) -> list[BackendGuard]:
+        guards = [self._semantic_guard, self._limiter_guard]
+        for group in (self._exact_guards, self._lease_guards):
+            if group is not None:
+                guards.extend(group.all())
+        return guards
+
     async def _exact_put(self, query: Query, digest: str, value: Any, ttl: float | None) -> None:
-        exact = self._exact
+        exact, keyed = self._exact, self._keyed
 
         async def put() -> None:
-            if self._by_signature:
-                await exact.put_by_signature(digest, value, ttl_seconds=ttl)  # type: ignore[attr-defined]
+            if keyed is not None:
+                await keyed.put_by_signature(digest, value, ttl_seconds=ttl)
             else:
                 await exact.put(query, value, ttl_seconds=ttl)
 
-        if self._exact_guard is not None:
-            await self._exact_guard.call(put, None)
+        guard = self._exact_guard_of(digest)
+        if guard is not None:
+            await guard.call(put, None)
             return
         try:
             await put()
@@ -674,9 +831,7 @@ class InferenceGateway(AsyncResource):
 
     def stats(self) -> GatewayStats:
         """Return a frozen snapshot of this gateway's counters and latency percentiles."""
-        guards = [self._semantic_guard, self._limiter_guard]
-        if self._exact_guard is not None:
-            guards.append(self._exact_guard)
+        guards = self._guards()
         p50, p90, p99 = self._latency.percentiles_ms(0.5, 0.9, 0.99)
         return GatewayStats(
             requests=self._requests,
@@ -697,12 +852,17 @@ class InferenceGateway(AsyncResource):
             streams_shared=self._streams.shared,
             chunks_replayed=self._streams.replayed,
             streams_abandoned=self._streams.abandoned,
+            shadow_lookups=self._shadow.lookups,
+            shadow_would_hit=self._shadow.would_hit,
+            shadow_refused=self._shadow.refused,
+            shadow_callback_errors=self._shadow.callback_errors,
             latency_p50_ms=p50,
             latency_p90_ms=p90,
             latency_p99_ms=p99,
         )
 
     async def _release(self) -> None:
+        await self._shadow.aclose()
         await self._streams.aclose(self._close_timeout)
         if self._fleet is not None:
             await self._fleet.aclose()

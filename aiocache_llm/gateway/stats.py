@@ -34,7 +34,9 @@ class GatewayStats(BaseModel):
     backend_errors: int = 0
     """Cache, limiter or lease operations that failed or timed out (answered anyway)."""
     backend_skipped: int = 0
-    """Backend operations not attempted because a circuit breaker was open."""
+    """Backend operations not attempted because a circuit breaker was open (summed over
+    every breaker: on a Redis Cluster the exact cache and fleet leases have one per
+    primary; :meth:`InferenceGateway.breaker_states` tells each one's state)."""
     in_flight: int = 0
     stream_requests: int = 0
     """Streamed requests (also counted in ``requests`` and in exactly one outcome)."""
@@ -46,6 +48,14 @@ class GatewayStats(BaseModel):
     """Chunks served from stored recordings."""
     streams_abandoned: int = 0
     """Provider streams closed early because every consumer had left."""
+    shadow_lookups: int = 0
+    """Shadow-mode semantic lookups recorded (``semantic_mode="shadow"``)."""
+    shadow_would_hit: int = 0
+    """Shadow lookups whose answer the semantic cache would have served."""
+    shadow_refused: int = 0
+    """Shadow lookups whose candidate the cache's verifier refused."""
+    shadow_callback_errors: int = 0
+    """``on_shadow`` calls that raised (their records are still in the log)."""
     latency_p50_ms: float = 0.0
     latency_p90_ms: float = 0.0
     latency_p99_ms: float = 0.0

@@ -10,7 +10,8 @@ Concurrent identical streams share one provider stream through a
 :class:`StreamBroadcast`; the first consumer's request starts a producer task of its
 own (so no consumer's cancellation cancels it) which reads the provider, publishes
 each chunk, reconciles the rate limit with the usage the stream reports, and stores
-the recording. With fleet streaming (a :class:`RedisExactCache`), the producer of
+the recording. With fleet streaming (an exact cache that is an
+:class:`~aiocache_llm.protocols.AsyncFleetExactCache`), the producer of
 one process also publishes to a Redis stream and the other processes relay it.
 """
 
@@ -38,6 +39,7 @@ from aiocache_llm.core.errors import (
 )
 from aiocache_llm.core.query import Query, as_request
 from aiocache_llm.core.recorded import RecordedStream
+from aiocache_llm.gateway.node_guards import lease_route
 from aiocache_llm.gateway.request import MissRequest
 from aiocache_llm.gateway.tokens import StreamUsage
 
@@ -427,7 +429,9 @@ class StreamFlights:
 
     async def _fill(self, flight: StreamBroadcast, request: MissRequest) -> None:
         gateway = self._gateway
-        if gateway._semantic is not None and request.read:
+        if gateway._semantic_mode == "shadow" and request.read:
+            await gateway._shadow_probe(request.key_query)
+        elif gateway._semantic is not None and request.read:
             value, hit = await gateway._semantic_lookup(request.key_query)
             if type(value) is RecordedStream:
                 gateway._semantic_hits += 1
@@ -438,12 +442,13 @@ class StreamFlights:
                     await gateway._promote_hit(hit, request.digest, request.ttl)
                 return
         if self._fleet is not None and request.read and not request.no_store:
-            await self._fleet.run(
-                request.digest,
-                flight,
-                lookup=lambda: self._lookup(request),
-                produce=lambda mirror: self._call_provider(flight, request, mirror),
-            )
+            with lease_route(request.digest):  # the lease's calls go to its node's breaker
+                await self._fleet.run(
+                    request.digest,
+                    flight,
+                    lookup=lambda: self._lookup(request),
+                    produce=lambda mirror: self._call_provider(flight, request, mirror),
+                )
             return
         if request.read:
             # a flight for this key may have stored its recording since our miss

@@ -5,7 +5,8 @@ imported; without the SDK, the import raises :class:`ImportError` naming the ext
 install:
 
 - :mod:`aiocache_llm.integrations.openai` (``pip install 'aiocache_llm[openai]'``):
-  ``OpenAIProvider(client)`` and ``wrap_openai(client, **gateway_options)``.
+  ``OpenAIProvider(client)``, ``wrap_openai(client, **gateway_options)`` and
+  ``OpenAIEmbedder(client, model=...)`` (an embed function for the semantic caches).
 - :mod:`aiocache_llm.integrations.anthropic` (``[anthropic]``): ``AnthropicProvider(client)``
   and ``wrap_anthropic(client, **gateway_options)``.
 - :mod:`aiocache_llm.integrations.litellm` (``[litellm]``): ``LiteLLMProvider(**defaults)``.

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel
@@ -47,14 +47,18 @@ from pydantic import BaseModel
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.query import IGNORED_FIELDS, Query, as_request
+from aiocache_llm.core.validation import check_bool
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream
 from aiocache_llm.integrations.wrapping import (
     CacheOptions,
+    CallTracker,
+    RefreshedStream,
     WrappedClient,
     check_namespace,
     endpoint,
     gateway_for,
+    new_id,
 )
 from aiocache_llm.integrations.wrapping import cache_options as _cache_options
 from aiocache_llm.integrations.wrapping import is_one_shot as _is_one_shot
@@ -63,7 +67,7 @@ from aiocache_llm.integrations.wrapping import key_value as _key_value
 try:
     import anthropic
     from anthropic import AsyncStream
-    from anthropic.types import Message, RawMessageStreamEvent
+    from anthropic.types import Message, RawMessageStartEvent, RawMessageStreamEvent
 except ImportError as exc:
     raise ImportError(
         "aiocache_llm.integrations.anthropic needs the anthropic package: "
@@ -345,8 +349,12 @@ class CachedMessages:
         ``user_profile_id`` are arguments like any other: they are in the key.
 
         A ``Message`` that did not come from this call's own HTTP response (a hit, or a
-        copy of a shared answer) has ``_request_id`` and ``_workspace_id`` ``None``.
-        Stream events carry neither, as the SDK's own.
+        share of a concurrent identical call) is equal to the stored one (same ``id``)
+        and has ``_request_id`` and ``_workspace_id`` ``None``; stream events carry
+        neither, as the SDK's own. With ``wrap_anthropic(..., fresh_hit_ids=True)`` such
+        an answer gets a new ``id`` (``msg_01`` and 22 letters and digits): the
+        ``Message``, or the message of a replayed stream's ``message_start`` event. An
+        answer from this call's own response is always returned as the SDK gave it.
 
         Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for bad cache
         options or a request that cannot be keyed (before any I/O),
@@ -364,10 +372,11 @@ class CachedMessages:
         key_query = owner.key_query(kwargs)
         create: Any = owner.client.messages.create
         gateway = owner.gateway
+        call = CallTracker(lambda: create(**kwargs))
         if stream is True:
             events = gateway.stream_with(
                 key_query,
-                lambda: create(**kwargs),
+                call,
                 options.get("user_id"),
                 no_cache=options.get("no_cache", False),
                 no_store=options.get("no_store", False),
@@ -375,27 +384,48 @@ class CachedMessages:
             )
             # as the SDK's create(stream=True): errors before the first event raise here
             try:
-                return await events.start()
+                await events.start()
             except BaseException:
                 # cancelled or failed before the caller got it: nobody will read or close
                 # it, and an open consumer would keep a shared stream from being abandoned
                 await events.aclose()
                 raise
+            if owner.fresh_hit_ids and not call.called:
+                # decided at the first event, which start() has received
+                return RefreshedStream(events, _refresher(new_id("msg_01", 22)))
+            return events
         message: Message = await gateway.resolve_with(
             key_query,
-            lambda: create(**kwargs),
+            call,
             options.get("user_id"),
             no_cache=options.get("no_cache", False),
             no_store=options.get("no_store", False),
             ttl_seconds=options.get("ttl_seconds"),
         )
+        if owner.fresh_hit_ids and not call.called:
+            message = _refresher(new_id("msg_01", 22))(message)
         for name in ("_request_id", "_workspace_id"):
-            if not hasattr(message, name):
-                # a hit or a copy: the SDK's public _request_id/_workspace_id name one HTTP
-                # response, which this object did not come from; None, as on an object the
-                # SDK built without one, rather than an AttributeError
+            if not call.called or not hasattr(message, name):
+                # a hit or a share of another caller's call: the SDK's public
+                # _request_id/_workspace_id name one HTTP response, which this call did
+                # not make; None, as on an object the SDK built without one
                 setattr(message, name, None)
         return message
+
+
+def _refresher(message_id: str) -> Callable[[Any], Any]:
+    """A copy of a ``Message`` (or of a ``message_start`` event's message) with ``message_id``;
+    other stream events carry no id and pass unchanged."""
+
+    def refresh(answer: Any) -> Any:
+        if isinstance(answer, Message):
+            return answer.model_copy(update={"id": message_id})
+        if isinstance(answer, RawMessageStartEvent):
+            message = answer.message.model_copy(update={"id": message_id})
+            return answer.model_copy(update={"message": message})
+        return answer
+
+    return refresh
 
 
 class CachedAnthropic(WrappedClient):
@@ -416,8 +446,10 @@ class CachedAnthropic(WrappedClient):
         gateway: InferenceGateway,
         namespace: str,
         owned_cache: MemoryExactCache | None,
+        *,
+        fresh_hit_ids: bool = False,
     ) -> None:
-        super().__init__(client, gateway, namespace, owned_cache)
+        super().__init__(client, gateway, namespace, owned_cache, fresh_hit_ids=fresh_hit_ids)
         self.messages = CachedMessages(self)
 
     @property
@@ -447,7 +479,11 @@ class CachedAnthropic(WrappedClient):
 
 
 def wrap_anthropic(
-    client: anthropic.AsyncAnthropic, *, namespace: str | None = None, **gateway_options: Any
+    client: anthropic.AsyncAnthropic,
+    *,
+    namespace: str | None = None,
+    fresh_hit_ids: bool = False,
+    **gateway_options: Any,
 ) -> CachedAnthropic:
     """Return ``client`` with its messages answered through an :class:`InferenceGateway`.
 
@@ -463,11 +499,16 @@ def wrap_anthropic(
     workspace, user profile and beta headers, never its API key) is added to every key: give
     several clients the same ``namespace`` to let them share entries.
 
+    ``fresh_hit_ids=True`` gives every answer that did not come from its own HTTP
+    response (a hit, a shared call) a new message ``id``, for applications whose
+    downstream rejects repeated ids; by default a hit is equal to what was stored.
+
     Raises :class:`InvalidInputTypeError` for a client that is not an ``AsyncAnthropic``
     and :class:`InvalidInputError` for a bad namespace or option (as the gateway does).
     """
     _check_client(client)
     namespace = check_namespace(namespace, lambda: default_namespace(client))
+    fresh = check_bool("fresh_hit_ids", fresh_hit_ids)
     provider = AnthropicProvider(client)
     gateway, owned = gateway_for("wrap_anthropic", provider, provider.value_types, gateway_options)
-    return CachedAnthropic(client, gateway, namespace, owned)
+    return CachedAnthropic(client, gateway, namespace, owned, fresh_hit_ids=fresh)

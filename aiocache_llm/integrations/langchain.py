@@ -34,10 +34,24 @@ A value that would not come back equal (a non-JSON object in ``generation_info``
 non-AI message, a parsed pydantic object in ``additional_kwargs``) raises
 :class:`InvalidInputError` on update, or, with ``skip_unstorable=True``, is not stored.
 
+**What it needs of a cache** is a capability, not a class: any object with async
+``get(query)``, ``put(query, value, *, ttl_seconds=None)`` and ``clear()``
+(:class:`LangChainStore`; every :class:`AsyncExactCache` has them), and ``aclose()``
+when it has one. A wrapper of your own around a cache works as the cache does.
+
+**A failing cache never fails a LangChain call.** Reads and writes go through a
+:class:`~aiocache_llm.core.guard.BackendGuard` (a circuit breaker; in private-loop mode
+also a deadline, ``backend_timeout``): a lookup that fails (Redis down, a timeout, an
+error of your cache) is a miss (``None``), an update that fails is skipped, and both
+are counted (:meth:`LangChainCache.stats`) and logged once per ``LangChainCache`` (the
+breaker logs its own opening and closing once each); after repeated failures the
+backend is not even asked for a while. ``clear()`` and closing still raise.
+
 **Threads and event loops.** Two ways to drive the exact cache, chosen once:
 
-- *inline* (``MemoryExactCache``, whose methods complete without ever yielding to the
-  event loop; ``inline=True`` declares the same of a cache of your own): every call,
+- *inline* (a cache whose methods complete without ever yielding to the event loop:
+  ``MemoryExactCache``, or any cache whose ``completes_inline`` attribute is ``True``;
+  ``inline=True`` declares the same of a cache of your own): every call,
   sync or async, runs the cache's coroutine to completion right there, under a lock
   (LangChain calls ``lookup`` from worker threads in ``batch``). It never blocks on I/O,
   so sync calls are safe even on an event loop's thread. A coroutine that yields
@@ -66,12 +80,16 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.core.errors import ClosedResourceError, InvalidInputError, InvalidInputTypeError
+from aiocache_llm.core.guard import BackendGuard, BreakerState
+from aiocache_llm.core.query import Query
 from aiocache_llm.core.validation import check_bool, check_optional_positive_number
-from aiocache_llm.protocols import AsyncExactCache
+from aiocache_llm.protocols import SupportsInlineCompletion
 
 try:
     from langchain_core._api import suppress_langchain_beta_warning
@@ -91,7 +109,13 @@ except ImportError as exc:
         "pip install 'aiocache_llm[langchain]'"
     ) from exc
 
-__all__ = ["ALLOWED_OBJECTS", "FORMAT_VERSION", "LangChainCache"]
+__all__ = [
+    "ALLOWED_OBJECTS",
+    "FORMAT_VERSION",
+    "LangChainCache",
+    "LangChainCacheStats",
+    "LangChainStore",
+]
 
 FORMAT_VERSION: Final = 1
 """Part of every key and value: a new storage format retires the old entries."""
@@ -110,59 +134,120 @@ _KEY_FIELD = "langchain_cache"
 _VALUE_FIELD = "langchain_generations"
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
+_FAILED: Final = object()  # a guarded call's fallback: the backend failed or was skipped
+
+
+@runtime_checkable
+class LangChainStore(Protocol):
+    """What :class:`LangChainCache` needs of a cache (every :class:`AsyncExactCache` has it).
+
+    ``aclose()`` is used when the object has one. An attribute ``completes_inline =
+    True`` declares that every coroutine of the object completes without yielding to
+    the event loop (see the module docstring).
+    """
+
+    async def get(self, query: Query) -> Any | None: ...
+
+    async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None: ...
+
+    async def clear(self) -> None: ...
+
+
+class LangChainCacheStats(BaseModel):
+    """A frozen snapshot of what failed under a :class:`LangChainCache` in this process."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lookup_failures: int = 0
+    """Lookups answered as misses because the cache failed, timed out or was skipped."""
+    update_failures: int = 0
+    """Updates not stored because the cache failed, timed out or was skipped."""
+    breaker: BreakerState = BreakerState.CLOSED
+    """The state of the circuit breaker in front of the cache."""
+
+
+def _completes_inline(cache: object) -> bool:
+    """Whether ``cache`` declares that its coroutines never suspend (a capability).
+
+    ``MemoryExactCache`` carries ``completes_inline = True``; a wrapper that keeps the
+    property says so with the same attribute.
+    """
+    return isinstance(cache, SupportsInlineCompletion) and cache.completes_inline is True
 
 
 class LangChainCache(BaseCache):
     """A LangChain ``BaseCache`` (for ``set_llm_cache``) over any :class:`AsyncExactCache`.
 
-    ``exact_cache`` defaults to a private :class:`MemoryExactCache` (1024 entries, LRU).
-    ``ttl_seconds`` is the lifetime of each entry this cache writes (``None``: the exact
-    cache's own default). ``skip_unstorable=True`` makes ``update`` store nothing for a
-    value that would not come back equal, instead of raising. ``inline`` says whether
-    the exact cache's coroutines complete without yielding (see the module docstring);
-    ``None`` means: only for a ``MemoryExactCache``.
+    ``exact_cache`` defaults to a private :class:`MemoryExactCache` (1024 entries, LRU);
+    any :class:`LangChainStore` (an object with async ``get``, ``put`` and ``clear``)
+    will do. ``ttl_seconds`` is the lifetime of each entry this cache writes (``None``:
+    the exact cache's own default). ``skip_unstorable=True`` makes ``update`` store
+    nothing for a value that would not come back equal, instead of raising. ``inline``
+    says whether the exact cache's coroutines complete without yielding (see the module
+    docstring); ``None`` means: when it declares ``completes_inline = True`` (as
+    ``MemoryExactCache`` does). ``backend_timeout`` (seconds, ``None`` for none) bounds each
+    read and write of a cache driven on the private loop.
 
     The ``LangChainCache`` drives and owns the exact cache: :meth:`aclose`/:meth:`close`
-    close it (and stop the private thread). Errors of the exact cache (a Redis outage:
-    ``BackendUnavailableError``) propagate to the LangChain call. After closing, every
-    method raises :class:`ClosedResourceError`.
+    close it (and stop the private thread). A failing exact cache never fails a
+    lookup or update (a miss, a skipped write; see :meth:`stats`); ``clear``,
+    ``aclear`` and closing raise its errors. After closing, every method raises
+    :class:`ClosedResourceError`.
     """
 
     def __init__(
         self,
-        exact_cache: AsyncExactCache | None = None,
+        exact_cache: LangChainStore | None = None,
         *,
         ttl_seconds: float | None = None,
         skip_unstorable: bool = False,
         inline: bool | None = None,
+        backend_timeout: float | None = 2.0,
     ) -> None:
         if exact_cache is None:
             exact_cache = MemoryExactCache()
-        elif not isinstance(exact_cache, AsyncExactCache):
+        elif not isinstance(exact_cache, LangChainStore):
             raise InvalidInputTypeError(
-                f"exact_cache must be an AsyncExactCache, got {type(exact_cache).__name__}"
+                "exact_cache must have async get, put and clear methods (an AsyncExactCache), "
+                f"got {type(exact_cache).__name__}"
             )
         self._cache = exact_cache
         self._ttl = check_optional_positive_number("ttl_seconds", ttl_seconds)
         self._skip_unstorable = check_bool("skip_unstorable", skip_unstorable)
         if inline is None:
-            # MemoryExactCache documents that every method completes without yielding;
-            # no other cache is assumed to (a cache of your own says so with inline=True)
-            inline = isinstance(exact_cache, MemoryExactCache)
+            inline = _completes_inline(exact_cache)
         self._inline = check_bool("inline", inline)
+        timeout = check_optional_positive_number("backend_timeout", backend_timeout)
+        # an inline call may run with no event loop at all, where no deadline can be set;
+        # it never waits for anything anyway
+        self._guard = BackendGuard(
+            f"LangChainCache({type(exact_cache).__name__})",
+            timeout=None if self._inline else timeout,
+        )
         self._inline_lock = threading.Lock()
         self._loop_thread: _LoopThread | None = None if self._inline else _LoopThread()
         self._closed = False
         self._warned_loop_thread = False
+        self._warned_failure = False
+        self._lookup_failures = 0
+        self._update_failures = 0
 
     def __repr__(self) -> str:
         mode = "inline" if self._inline else "private loop"
         return f"LangChainCache({self._cache!r}, ttl_seconds={self._ttl}, {mode})"
 
     @property
-    def exact_cache(self) -> AsyncExactCache:
+    def exact_cache(self) -> LangChainStore:
         """The cache entries are stored in."""
         return self._cache
+
+    def stats(self) -> LangChainCacheStats:
+        """Return a frozen snapshot of the failure counters and the breaker's state."""
+        return LangChainCacheStats(
+            lookup_failures=self._lookup_failures,
+            update_failures=self._update_failures,
+            breaker=self._guard.state,
+        )
 
     # -- the BaseCache API ------------------------------------------------------------
 
@@ -171,27 +256,28 @@ class LangChainCache(BaseCache):
 
         Blocks the calling thread for one cache read, except on the thread of a running
         event loop with a cache that is not inline: then it answers ``None`` at once.
-        Raises :class:`InvalidInputTypeError` for non-``str`` arguments.
+        A failing cache is a miss. Raises :class:`InvalidInputTypeError` for non-``str``
+        arguments.
         """
         query = _query(prompt, llm_string)
         if not self._inline and _on_loop_thread():
             self._warn_loop_thread()
             return None
-        return _revive(self._call(lambda: self._cache.get(query)))
+        return _revive(self._call(lambda: self._get(query)))
 
     async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         """:meth:`lookup`, without blocking the event loop."""
         query = _query(prompt, llm_string)
-        return _revive(await self._acall(lambda: self._cache.get(query)))
+        return _revive(await self._acall(lambda: self._get(query)))
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Store ``return_val`` (a sequence of ``Generation``) for ``(prompt, llm_string)``.
 
         Blocks the calling thread for one cache write, except on the thread of a
         running event loop with a cache that is not inline: then the write is handed
-        to the private loop and not waited for. Raises :class:`InvalidInputError` for
-        a value that would not come back equal (unless ``skip_unstorable``), before
-        anything is stored.
+        to the private loop and not waited for. A failing cache skips the write.
+        Raises :class:`InvalidInputError` for a value that would not come back equal
+        (unless ``skip_unstorable``), before anything is stored.
         """
         query = _query(prompt, llm_string)
         value = self._encode(return_val)
@@ -238,7 +324,7 @@ class LangChainCache(BaseCache):
         if self._closed:
             return
         try:
-            await self._acall(self._cache.aclose)
+            await self._acall(self._close_cache)
         finally:
             self._closed = True
             if self._loop_thread is not None:
@@ -253,7 +339,7 @@ class LangChainCache(BaseCache):
                 "LangChainCache.close() would block this event loop for I/O: await aclose()"
             )
         try:
-            self._call(self._cache.aclose)
+            self._call(self._close_cache)
         finally:
             self._closed = True
             if self._loop_thread is not None:
@@ -272,8 +358,37 @@ class LangChainCache(BaseCache):
 
     # -- driving the exact cache ------------------------------------------------------
 
+    async def _get(self, query: dict[str, Any]) -> Any:
+        cache = self._cache
+        stored = await self._guard.call(lambda: cache.get(query), _FAILED)
+        if stored is _FAILED:
+            self._lookup_failures += 1
+            self._warn_failure("a lookup", "a miss")
+            return None
+        return stored
+
     async def _put(self, query: dict[str, Any], value: dict[str, Any]) -> None:
-        await self._cache.put(query, value, ttl_seconds=self._ttl)
+        cache, ttl = self._cache, self._ttl
+        done = await self._guard.call(lambda: cache.put(query, value, ttl_seconds=ttl), _FAILED)
+        if done is _FAILED:
+            self._update_failures += 1
+            self._warn_failure("an update", "not stored")
+
+    async def _close_cache(self) -> None:
+        close = getattr(self._cache, "aclose", None)
+        if callable(close):
+            await close()
+
+    def _warn_failure(self, operation: str, outcome: str) -> None:
+        if not self._warned_failure:
+            self._warned_failure = True
+            _log.warning(
+                "LangChainCache: %s of %s failed and was %s; the LangChain call goes on. "
+                "Failures are counted in stats() and logged only once",
+                operation,
+                type(self._cache).__name__,
+                outcome,
+            )
 
     def _encode(self, return_val: RETURN_VAL_TYPE) -> dict[str, Any] | None:
         generations = _generations(return_val)

@@ -16,6 +16,10 @@
 - :func:`wrap_openai` returns a :class:`CachedOpenAI`: ``chat.completions.create``
   answers through an :class:`InferenceGateway` (its ``.gateway``) with the SDK's own
   types, and every other attribute is the wrapped client's own (not cached).
+- :class:`OpenAIEmbedder` is an async ``str -> float32 vector`` over
+  ``embeddings.create`` (concurrent calls batched into one request), for a semantic
+  cache's ``embed_fn``; put a :class:`~aiocache_llm.CachedEmbedder` in front of it so
+  that no text is embedded twice.
 
 Per-request cache control is the one extra keyword ``cache=`` (see
 :class:`CacheOptions`), removed before the SDK call; every other argument reaches the
@@ -27,23 +31,32 @@ given the same ``namespace=``.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel
 
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
-from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
+from aiocache_llm.core.errors import AiocacheLLMError, InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.query import IGNORED_FIELDS, Query, as_request
+from aiocache_llm.core.validation import check_bool, check_id, check_positive_int
 from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream
 from aiocache_llm.integrations.wrapping import (
     CacheOptions,
+    CallTracker,
+    RefreshedStream,
     WrappedClient,
     check_namespace,
     endpoint,
     gateway_for,
+    new_id,
 )
 from aiocache_llm.integrations.wrapping import cache_options as _cache_options
 from aiocache_llm.integrations.wrapping import is_one_shot as _is_one_shot
@@ -64,6 +77,7 @@ __all__ = [
     "STREAM_OPTIONS_FIELD",
     "CacheOptions",
     "CachedOpenAI",
+    "OpenAIEmbedder",
     "OpenAIProvider",
     "default_namespace",
     "openai_value_types",
@@ -248,6 +262,14 @@ class CachedCompletions:
         arguments left ``openai.NOT_GIVEN``/``openai.omit``, plus the wrapper's namespace;
         a streamed request also keeps its ``stream_options`` in its key.
 
+        An answer that did not come from this call's own HTTP response (a cache hit, or
+        a share of a concurrent identical call) is equal to the stored one: same ``id``
+        and ``created``, and ``_request_id`` (the SDK's id of the HTTP response) is
+        ``None``. With ``wrap_openai(..., fresh_hit_ids=True)`` it gets a new ``id``
+        (``chatcmpl-`` and 29 letters and digits) and ``created`` (now, in whole
+        seconds); the chunks of one replayed stream share one new id and time. An
+        answer from this call's own response is always returned as the SDK gave it.
+
         Raises :class:`InvalidInputError`/:class:`InvalidInputTypeError` for bad cache
         options or a request that cannot be keyed (before any I/O),
         :class:`RateLimitExceeded`, :class:`ProviderTimeoutError`, and whatever the SDK
@@ -264,10 +286,11 @@ class CachedCompletions:
         key_query = owner.key_query(kwargs)
         create: Any = owner.client.chat.completions.create
         gateway = owner.gateway
+        call = CallTracker(lambda: create(**kwargs))
         if stream is True:
             chunks = gateway.stream_with(
                 key_query,
-                lambda: create(**kwargs),
+                call,
                 options.get("user_id"),
                 no_cache=options.get("no_cache", False),
                 no_store=options.get("no_store", False),
@@ -275,28 +298,49 @@ class CachedCompletions:
             )
             # as the SDK's create(stream=True): errors before the first chunk raise here
             try:
-                return await chunks.start()
+                await chunks.start()
             except BaseException:
                 # cancelled or failed before the caller got it: nobody will read or close
                 # it, and an open consumer would keep a shared stream from being abandoned
                 await chunks.aclose()
                 raise
+            if owner.fresh_hit_ids and not call.called:
+                # decided at the first chunk, which start() has received: one replay,
+                # one id and one time for all its chunks
+                return RefreshedStream(chunks, _refresher(new_id("chatcmpl-", 29)))
+            return chunks
         completion: ChatCompletion = await gateway.resolve_with(
             key_query,
-            lambda: create(**kwargs),
+            call,
             options.get("user_id"),
             no_cache=options.get("no_cache", False),
             no_store=options.get("no_store", False),
             ttl_seconds=options.get("ttl_seconds"),
         )
-        if not hasattr(completion, "_request_id"):
-            # a hit: the SDK's public _request_id names one HTTP response, which this
-            # answer did not come from; None, as on an object the SDK built without one
+        if owner.fresh_hit_ids and not call.called:
+            completion = _refresher(new_id("chatcmpl-", 29))(completion)
+        if not call.called or not hasattr(completion, "_request_id"):
+            # a hit or a share of another caller's call: the SDK's public _request_id
+            # names one HTTP response, which this call did not make; None, as on an
+            # object the SDK built without one
             completion._request_id = None
         return completion
 
 
 _UNSET_TYPES = (openai.NotGiven, openai.Omit)
+
+
+def _refresher(completion_id: str) -> Callable[[Any], Any]:
+    """A copy of a ``ChatCompletion``/``ChatCompletionChunk`` with ``completion_id`` and
+    the current ``created`` time (the same for every chunk given to one refresher)."""
+    created = int(time.time())
+
+    def refresh(answer: Any) -> Any:
+        if isinstance(answer, (ChatCompletion, ChatCompletionChunk)):
+            return answer.model_copy(update={"id": completion_id, "created": created})
+        return answer
+
+    return refresh
 
 
 class CachedChat:
@@ -332,8 +376,10 @@ class CachedOpenAI(WrappedClient):
         gateway: InferenceGateway,
         namespace: str,
         owned_cache: MemoryExactCache | None,
+        *,
+        fresh_hit_ids: bool = False,
     ) -> None:
-        super().__init__(client, gateway, namespace, owned_cache)
+        super().__init__(client, gateway, namespace, owned_cache, fresh_hit_ids=fresh_hit_ids)
         self.chat = CachedChat(self)
 
     @property
@@ -363,7 +409,11 @@ class CachedOpenAI(WrappedClient):
 
 
 def wrap_openai(
-    client: openai.AsyncOpenAI, *, namespace: str | None = None, **gateway_options: Any
+    client: openai.AsyncOpenAI,
+    *,
+    namespace: str | None = None,
+    fresh_hit_ids: bool = False,
+    **gateway_options: Any,
 ) -> CachedOpenAI:
     """Return ``client`` with its chat completions answered through an :class:`InferenceGateway`.
 
@@ -379,11 +429,182 @@ def wrap_openai(
     ``organization`` and ``project``, never its API key) is added to every key: give
     several clients the same ``namespace`` to let them share entries.
 
+    ``fresh_hit_ids=True`` gives every answer that did not come from its own HTTP
+    response (a hit, a shared call) a new ``id`` and ``created``, for applications whose
+    downstream rejects repeated ids; by default a hit is equal to what was stored.
+
     Raises :class:`InvalidInputTypeError` for a client that is not an ``AsyncOpenAI``
     and :class:`InvalidInputError` for a bad namespace or option (as the gateway does).
     """
     _check_client(client)
     namespace = check_namespace(namespace, lambda: default_namespace(client))
+    fresh = check_bool("fresh_hit_ids", fresh_hit_ids)
     provider = OpenAIProvider(client)
     gateway, owned = gateway_for("wrap_openai", provider, provider.value_types, gateway_options)
-    return CachedOpenAI(client, gateway, namespace, owned)
+    return CachedOpenAI(client, gateway, namespace, owned, fresh_hit_ids=fresh)
+
+
+class OpenAIEmbedder:
+    """An async ``str -> float32 vector`` over ``AsyncOpenAI.embeddings.create``.
+
+    ``await embedder(text)`` returns the embedding of ``text`` (numpy float32, as the
+    API gives it: OpenAI's are unit length); use it as a semantic cache's ``embed_fn``,
+    behind a :class:`~aiocache_llm.CachedEmbedder` so that no text is embedded twice::
+
+        embed = CachedEmbedder(OpenAIEmbedder(client, model="text-embedding-3-small"))
+        semantic = MemorySemanticCache(embed_fn=embed)
+
+    Calls made in the same event-loop turn (concurrent lookups, a ``gather``) are sent
+    as one ``embeddings.create(input=[...])`` request of at most ``max_batch`` distinct
+    texts (the API accepts 2048). ``dimensions`` is passed to the API when given
+    (``text-embedding-3`` models can shorten their vectors); ``create_options`` are
+    further keyword arguments of every ``embeddings.create`` call (``timeout``,
+    ``extra_headers``, ...). The vectors are requested base64-encoded (a quarter of
+    the JSON size) and decoded without a float round trip.
+
+    :attr:`model_id` names the endpoint, model and dimensions, never the API key:
+    :class:`~aiocache_llm.CachedEmbedder` files the vectors under it.
+
+    Raises :class:`InvalidInputTypeError` for a non-``str`` text or a client without
+    an async ``embeddings.create``, :class:`InvalidInputError` for an empty text
+    (before any I/O), whatever the SDK raises (``openai.APIStatusError`` and so on:
+    every caller of that batch gets it), and :class:`AiocacheLLMError` for a response
+    that does not hold one vector per text. Cancelling a call stops that caller
+    waiting; the request goes on for the rest of its batch. The client stays the
+    caller's to close.
+    """
+
+    __slots__ = ("_client", "_dimensions", "_max_batch", "_model", "_options", "_pending", "_sent")
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        model: str,
+        dimensions: int | None = None,
+        max_batch: int = 2048,
+        **create_options: Any,
+    ) -> None:
+        sdk: object = client
+        if isinstance(sdk, openai.OpenAI):
+            raise InvalidInputTypeError(
+                "client is the synchronous openai.OpenAI: OpenAIEmbedder needs an "
+                "openai.AsyncOpenAI"
+            )
+        if not callable(getattr(getattr(client, "embeddings", None), "create", None)):
+            raise InvalidInputTypeError(
+                "client must be an openai.AsyncOpenAI (an object with an async "
+                f"embeddings.create), got {type(client).__name__}"
+            )
+        for name in ("input", "model", "dimensions", "encoding_format"):
+            if name in create_options:
+                raise InvalidInputError(f"OpenAIEmbedder sets {name} itself: drop {name}=")
+        self._client = client
+        self._model = check_id("model", model)
+        self._dimensions = (
+            None if dimensions is None else check_positive_int("dimensions", dimensions)
+        )
+        self._max_batch = check_positive_int("max_batch", max_batch, at_most=2048)
+        self._options = create_options
+        self._pending: list[tuple[str, asyncio.Future[npt.NDArray[np.float32]]]] = []
+        self._sent: set[asyncio.Task[None]] = set()  # strong references to running requests
+
+    def __repr__(self) -> str:
+        return f"OpenAIEmbedder(model={self._model!r}, dimensions={self._dimensions})"
+
+    @property
+    def model_id(self) -> str:
+        """``openai:<base_url>:<model>:<dimensions>`` (no credentials): what the vectors are."""
+        dimensions = "default" if self._dimensions is None else str(self._dimensions)
+        return f"openai:{endpoint(self._client)}:{self._model}:{dimensions}"
+
+    async def __call__(self, text: str) -> npt.NDArray[np.float32]:
+        """Return the embedding of ``text`` (see the class docstring for batching and errors)."""
+        if type(text) is not str:
+            raise InvalidInputTypeError(f"text must be a str, got {type(text).__name__}")
+        if not text:
+            raise InvalidInputError("text to embed must not be empty (the API refuses it)")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[npt.NDArray[np.float32]] = loop.create_future()
+        if not self._pending:
+            # every call made before the loop's next turn joins this batch
+            loop.call_soon(self._flush)
+        self._pending.append((text, future))
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        batch: dict[str, list[asyncio.Future[npt.NDArray[np.float32]]]] = {}
+        for text, future in pending:
+            if len(batch) == self._max_batch and text not in batch:
+                self._send(batch)
+                batch = {}
+            batch.setdefault(text, []).append(future)
+        if batch:
+            self._send(batch)
+
+    def _send(self, batch: dict[str, list[asyncio.Future[npt.NDArray[np.float32]]]]) -> None:
+        task = asyncio.ensure_future(self._request(batch))
+        self._sent.add(task)
+        task.add_done_callback(self._sent.discard)
+
+    async def _request(
+        self, batch: dict[str, list[asyncio.Future[npt.NDArray[np.float32]]]]
+    ) -> None:
+        texts = [text for text, futures in batch.items() if not all(f.done() for f in futures)]
+        if not texts:
+            return  # every caller gave up before the request was sent
+        options: dict[str, Any] = dict(self._options)
+        if self._dimensions is not None:
+            options["dimensions"] = self._dimensions
+        create: Any = self._client.embeddings.create
+        try:
+            response = await create(
+                input=texts, model=self._model, encoding_format="base64", **options
+            )
+            vectors = _embedding_vectors(response, len(texts))
+        except Exception as exc:
+            for text in texts:
+                for future in batch[text]:
+                    if not future.done():
+                        future.set_exception(exc)
+            return
+        except BaseException:
+            # cancelled (the loop is shutting down) or interrupted: nobody may wait forever
+            for text in texts:
+                for future in batch[text]:
+                    future.cancel()
+            raise
+        for text, vector in zip(texts, vectors, strict=True):
+            for future in batch[text]:
+                if not future.done():
+                    future.set_result(vector.copy())
+
+
+def _embedding_vectors(response: Any, count: int) -> list[npt.NDArray[np.float32]]:
+    """The vectors of an embeddings response, in input order (base64 or float lists)."""
+    data = getattr(response, "data", None)
+    if not isinstance(data, Sequence) or len(data) != count:
+        raise AiocacheLLMError(
+            f"the embeddings response does not hold {count} embeddings "
+            f"(got {len(data) if isinstance(data, Sequence) else type(data).__name__})"
+        )
+    vectors: list[npt.NDArray[np.float32] | None] = [None] * count
+    for item in data:
+        index = getattr(item, "index", None)
+        raw = getattr(item, "embedding", None)
+        if type(index) is not int or not 0 <= index < count or vectors[index] is not None:
+            raise AiocacheLLMError("the embeddings response has missing or repeated indexes")
+        try:
+            if isinstance(raw, str):
+                vector = np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+            else:
+                vector = np.asarray(raw, dtype=np.float32)
+        except (ValueError, TypeError) as exc:
+            raise AiocacheLLMError(
+                f"the embeddings response holds a malformed vector: {exc}"
+            ) from exc
+        if vector.ndim != 1 or vector.size == 0:
+            raise AiocacheLLMError("the embeddings response holds an empty or malformed vector")
+        vectors[index] = vector
+    return [vector for vector in vectors if vector is not None]

@@ -1,10 +1,13 @@
 """What the SDK wrappers (``wrap_openai``, ``wrap_anthropic``) share: the per-request
 ``cache=`` options, how request arguments become key data, how a cache learns the
-SDK's types, the namespace check, the gateway built for a wrapper and the wrapper's
-base class. Imports no SDK."""
+SDK's types, the namespace check, the gateway built for a wrapper, the wrapper's
+base class and the fresh ids given to answers that did not come from their own call
+(``fresh_hit_ids=True``). Imports no SDK."""
 
 from __future__ import annotations
 
+import secrets
+import string
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypedDict, TypeVar
@@ -16,10 +19,13 @@ from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.core.errors import InvalidInputError, InvalidInputTypeError
 from aiocache_llm.core.validation import check_bool
 from aiocache_llm.gateway.gateway import InferenceGateway
+from aiocache_llm.gateway.streaming import ChunkStream
 
 __all__ = [
     "CACHE_OPTION_NAMES",
     "CacheOptions",
+    "CallTracker",
+    "RefreshedStream",
     "WrappedClient",
     "cache_options",
     "check_namespace",
@@ -27,6 +33,7 @@ __all__ = [
     "gateway_for",
     "is_one_shot",
     "key_value",
+    "new_id",
     "register_types",
 ]
 
@@ -152,23 +159,101 @@ def gateway_for(
 _Wrapped = TypeVar("_Wrapped", bound="WrappedClient")
 
 
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str, length: int) -> str:
+    """``prefix`` and ``length`` random letters and digits: a response id in the SDK's style."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+class CallTracker:
+    """The provider call of one wrapped ``create``; ``called`` tells whether the gateway
+    made it, i.e. whether the answer came from this call's own HTTP response (not from
+    the cache or another caller's call)."""
+
+    __slots__ = ("_call", "called")
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._call = call
+        self.called = False
+
+    def __call__(self) -> Any:
+        self.called = True
+        return self._call()
+
+
+class RefreshedStream(ChunkStream):
+    """A :class:`ChunkStream` whose chunks pass through ``refresh`` on their way out.
+
+    Used for ``fresh_hit_ids=True``: a replay gets new ids. Every method is the wrapped
+    stream's (same errors, cancellation and closing); ``ChunkStream.__init__`` is not
+    run, as no state of its own is used.
+    """
+
+    __slots__ = ("_inner", "_refresh")
+
+    def __init__(self, inner: ChunkStream, refresh: Callable[[Any], Any]) -> None:
+        self._inner = inner
+        self._refresh = refresh
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+    def __aiter__(self) -> RefreshedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return self._refresh(await self._inner.__anext__())
+
+    async def start(self) -> RefreshedStream:
+        await self._inner.start()
+        return self
+
+    @property
+    def delivered(self) -> int:
+        return self._inner.delivered
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> RefreshedStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._inner.aclose()
+
+
 class WrappedClient:
-    """What a wrapper shares: its gateway, its namespace, the cache it built, and every
-    other attribute passed through to the SDK client (not cached).
+    """What a wrapper shares: its gateway, its namespace, the cache it built, whether
+    answers that did not come from their own call get fresh ids, and every other
+    attribute passed through to the SDK client (not cached).
 
     ``aclose()`` (or leaving ``async with``) closes the gateway and the cache built for
     it (idempotent); the SDK client stays open: it is the caller's.
     """
 
-    __slots__ = ("_cache", "_client", "_gateway", "_namespace")
+    __slots__ = ("_cache", "_client", "_fresh_hit_ids", "_gateway", "_namespace")
 
     def __init__(
-        self, client: Any, gateway: InferenceGateway, namespace: str, owned: MemoryExactCache | None
+        self,
+        client: Any,
+        gateway: InferenceGateway,
+        namespace: str,
+        owned: MemoryExactCache | None,
+        *,
+        fresh_hit_ids: bool = False,
     ) -> None:
         self._client = client
         self._gateway = gateway
         self._namespace = namespace
         self._cache = owned
+        self._fresh_hit_ids = fresh_hit_ids
 
     def __getattr__(self, name: str) -> Any:
         # reached only for names not found on the wrapper: the client's own attributes
@@ -192,6 +277,11 @@ class WrappedClient:
     def namespace(self) -> str:
         """The namespace this wrapper's entries are filed under."""
         return self._namespace
+
+    @property
+    def fresh_hit_ids(self) -> bool:
+        """Whether answers that did not come from their own call get a new id and time."""
+        return self._fresh_hit_ids
 
     async def aclose(self) -> None:
         """Close the gateway and the cache built for it (idempotent); not the client."""

@@ -84,6 +84,10 @@ COUNTERS: Mapping[str, str] = {
     "streams_shared": "Streams that joined one already in flight in this process.",
     "chunks_replayed": "Chunks served from stored recordings.",
     "streams_abandoned": "Provider streams closed early because every consumer had left.",
+    "shadow_lookups": "Shadow-mode semantic lookups recorded.",
+    "shadow_would_hit": "Shadow lookups the semantic cache would have served.",
+    "shadow_refused": "Shadow lookups whose candidate the verifier refused.",
+    "shadow_callback_errors": "on_shadow callbacks that raised.",
 }
 """``GatewayStats`` field -> help text of its ``<namespace>_gateway_<field>_total`` counter."""
 

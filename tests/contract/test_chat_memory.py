@@ -30,12 +30,19 @@ from aiocache_llm import (
 )
 from aiocache_llm.backends.chat_messages import CONTINUATION_PREFIXES
 from aiocache_llm.backends.redis.chat_memory import APPEND_MESSAGES
-from tests.conftest import Backend
+from tests.conftest import ALL_BACKENDS, Backend, open_backend
 
 CONV = "conv-ü-🦜:with colon"
 OTHER_CONV = "another conversation"
 
 Factory = Callable[..., AsyncChatMemory]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """This suite also runs on a Redis Cluster and on a Sentinel-managed primary."""
+    async with open_backend(request) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+import aiocache_llm.backends.redis.exact_cache as exact_cache_module
 from aiocache_llm import (
     AsyncExactCache,
     InvalidInputError,
@@ -22,7 +23,8 @@ from aiocache_llm import (
     ValueTooLargeError,
     signature,
 )
-from tests.conftest import Backend
+from aiocache_llm.backends.redis.cluster import scan_keys
+from tests.conftest import ALL_BACKENDS, Backend, open_backend
 
 QUERY = {
     "model": "gpt-4o-mini",
@@ -41,6 +43,13 @@ class Completion(BaseModel):
     choices: list[dict[str, Any]]
 
 
+@pytest.fixture(params=ALL_BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """This suite also runs on a Redis Cluster and on a Sentinel-managed primary."""
+    async with open_backend(request) as opened:
+        yield opened
+
+
 @pytest.fixture
 async def make_cache(backend: Backend) -> AsyncIterator[Factory]:
     """Builds caches of the backend under test; every one built shares its storage."""
@@ -52,9 +61,10 @@ async def make_cache(backend: Backend) -> AsyncIterator[Factory]:
             kwargs.setdefault("max_size", 0)
             cache = MemoryExactCache(clock=backend.clock, **kwargs)
         else:
-            cache = RedisExactCache(
-                client=backend.redis.client, key_prefix=backend.redis.prefix, **kwargs
-            )
+            prefix = backend.redis.prefix
+            if backend.kind == "cluster" and kwargs.get("max_size"):
+                prefix = "{" + prefix + "}"  # a bounded cache's keys share one slot
+            cache = RedisExactCache(client=backend.redis.client, key_prefix=prefix, **kwargs)
         made.append(cache)
         return cache
 
@@ -527,12 +537,12 @@ async def test_puts_racing_clear_leave_no_entry_outside_the_bound(
     """
     if backend.redis is None:
         pytest.skip("Redis backends only: a memory clear() never yields")
-    client, prefix = backend.redis.client, backend.redis.prefix
+    client = backend.redis.client
     cache = make_cache(max_size=50)
     writer = make_cache(max_size=50)  # another process on the same keys
+    prefix = cache.key_prefix  # type: ignore[attr-defined]
     for i in range(50):
         await cache.put(f"before {i}", i)
-    scan_iter = client.scan_iter
     written = 0
 
     async def put_some() -> None:
@@ -543,14 +553,15 @@ async def test_puts_racing_clear_leave_no_entry_outside_the_bound(
 
     async def racing_scan(*args: Any, **kwargs: Any) -> Any:
         first = True
-        async for key in scan_iter(*args, **kwargs):
-            yield key
-            if first:
-                first = False
-                await put_some()
+        async for keys in scan_keys(*args, **kwargs):
+            for key in keys:
+                yield [key]
+                if first:
+                    first = False
+                    await put_some()
         await put_some()
 
-    monkeypatch.setattr(client, "scan_iter", racing_scan)
+    monkeypatch.setattr(exact_cache_module, "scan_keys", racing_scan)
     await cache.clear()
     monkeypatch.undo()
     assert written >= 5
@@ -558,7 +569,8 @@ async def test_puts_racing_clear_leave_no_entry_outside_the_bound(
         await cache.put(f"after {i}", i)
     stored = [
         key
-        async for key in client.scan_iter(match=f"{prefix}:*")
+        async for keys in scan_keys(client, f"{prefix}:*")
+        for key in keys
         if len(key) == len(prefix) + 1 + 64 and b":lru" not in key
     ]
     assert (await cache.stats()).size == len(stored) == 50
@@ -570,8 +582,9 @@ async def test_an_expiry_index_of_another_type_never_fails_a_call(
 ) -> None:
     if backend.redis is None:
         pytest.skip("Redis backends only")
-    client, prefix = backend.redis.client, backend.redis.prefix
+    client = backend.redis.client
     cache = make_cache(max_size=4)
+    prefix = cache.key_prefix  # type: ignore[attr-defined]
     await cache.put(QUERY, "Paris", ttl_seconds=60)
     key = f"{prefix}:lru:exp"
     await client.unlink(key)
@@ -590,4 +603,4 @@ async def test_an_expiry_index_of_another_type_never_fails_a_call(
         await cache.put(f"question {i}", i)
     assert (await cache.stats()).size == 4
     await cache.clear()
-    assert [k async for k in client.scan_iter(match=f"{prefix}*")] == []
+    assert [k async for k in scan_keys(client, f"{prefix}*")] == []

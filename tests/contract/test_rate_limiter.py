@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -34,8 +34,9 @@ from aiocache_llm import (
     RedisRateLimiter,
 )
 from aiocache_llm.backends.rate_limits import FailureMode
+from aiocache_llm.backends.redis.connection import client_from_url
 from aiocache_llm.protocols import Reservation
-from tests.conftest import REDIS_URL, Backend, FakeClock
+from tests.conftest import ALL_BACKENDS, REDIS_URL, Backend, FakeClock, open_backend
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,6 +47,13 @@ Factory = Callable[..., AsyncRateLimiter]
 STRICT: dict[str, Any] = {"failure_mode": "raise", "operation_timeout": None}
 """Redis limiters of the contract tests: these check the window, not the outage policy, so a
 shared server slowed down by other tests must slow them down, never make a check fail open."""
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """This suite also runs on a Redis Cluster and on a Sentinel-managed primary."""
+    async with open_backend(request) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -321,6 +329,9 @@ def another_client(backend: Backend) -> Redis:
     if backend.kind == "fakeredis":
         server = backend.redis.client.connection_pool.connection_kwargs["server"]
         return fakeredis.FakeAsyncRedis(server=server)
+    if backend.kind in ("cluster", "sentinel"):
+        assert backend.redis.url is not None
+        return cast(Redis, client_from_url(backend.redis.url))
     return Redis.from_url(REDIS_URL)
 
 

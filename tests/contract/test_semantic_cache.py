@@ -8,6 +8,7 @@ that similarities are exact (0.8 means 0.8); paraphrase tests use the built-in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -33,7 +34,7 @@ from aiocache_llm.backends import vectors
 from aiocache_llm.backends.promotion import PromotingSemanticCache
 from aiocache_llm.core.query import QueryKeys
 from aiocache_llm.embedders import HashingEmbedder
-from tests.conftest import Backend
+from tests.conftest import ALL_BACKENDS, Backend, open_backend
 
 # Unit vectors in 4-D whose dot products with BASE are the numbers in the names.
 BASE = [1.0, 0.0, 0.0, 0.0]
@@ -97,6 +98,20 @@ def ask(text: Any, **fields: Any) -> dict[str, Any]:
 
 
 Factory = Callable[..., AsyncSemanticCache]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """This suite also runs on a Redis Cluster and on a Sentinel-managed primary.
+
+    On the cluster the prefix holds a hash tag (``{test:...}``): the whole cache lives
+    in that tag's slot, as the cache requires there.
+    """
+    async with open_backend(request) as opened:
+        if opened.kind == "cluster" and opened.redis is not None:
+            tagged = dataclasses.replace(opened.redis, prefix="{" + opened.redis.prefix + "}")
+            opened = dataclasses.replace(opened, redis=tagged)
+        yield opened
 
 
 @pytest.fixture
@@ -1287,3 +1302,341 @@ async def test_a_promotion_dies_when_another_process_invalidates_its_entry(
     assert (await exact.stats()).size == 0
     assert [k async for k in client.scan_iter(match=f"{redis_backend.redis.prefix}:s:*:pr:*")] == []
     await exact.aclose()
+
+
+# --- verify=: candidates checked before they are served ------------------------------
+
+
+class Judge:
+    """A verifier that refuses the candidate texts it is told to, and records its calls."""
+
+    def __init__(self, refuse: set[str] | None = None, raise_on: set[str] | None = None) -> None:
+        self.refuse = refuse or set()
+        self.raise_on = raise_on or set()
+        self.calls: list[tuple[str, str, float]] = []
+
+    def __call__(self, query_text: str, candidate_text: str, similarity: float) -> Any:
+        self.calls.append((query_text, candidate_text, round(similarity, 4)))
+        if candidate_text in self.raise_on:
+            raise RuntimeError(f"cannot judge {candidate_text}")
+        return candidate_text not in self.refuse
+
+
+class AsyncJudge(Judge):
+    async def __call__(self, query_text: str, candidate_text: str, similarity: float) -> Any:  # type: ignore[override]
+        await asyncio.sleep(0)
+        return super().__call__(query_text, candidate_text, similarity)
+
+
+async def _three_candidates(cache: AsyncSemanticCache) -> None:
+    await cache.put(ask("sim 0.6"), "far")
+    await cache.put(ask("sim 0.96"), "near")
+    await cache.put(ask("sim 0.8"), "middle")
+
+
+@pytest.mark.parametrize("judge_type", [Judge, AsyncJudge], ids=["sync", "async"])
+async def test_verify_tries_candidates_best_first_and_serves_the_first_accepted(
+    make_cache: Factory, judge_type: type[Judge]
+) -> None:
+    judge = judge_type(refuse={"sim 0.96"})
+    cache = make_cache(similarity_threshold=0.5, verify=judge)
+    await _three_candidates(cache)
+    assert await cache.get(ask("capital of france")) == "middle"
+    assert judge.calls == [
+        ("capital of france", "sim 0.96", 0.96),
+        ("capital of france", "sim 0.8", 0.8),
+    ]
+    stats = await cache.stats()
+    assert (stats.hits, stats.misses, stats.verifier_refusals, stats.verifier_errors) == (
+        1,
+        0,
+        1,
+        0,
+    )
+
+
+async def test_verify_is_asked_about_at_most_max_verify_candidates(make_cache: Factory) -> None:
+    judge = Judge(refuse={"sim 0.96", "sim 0.8", "sim 0.6"})
+    cache = make_cache(similarity_threshold=0.5, verify=judge, max_verify_candidates=2)
+    await _three_candidates(cache)
+    assert await cache.get(ask("capital of france")) is None
+    assert [call[1] for call in judge.calls] == ["sim 0.96", "sim 0.8"]
+    judge.refuse = {"sim 0.96", "sim 0.8"}
+    # "sim 0.6" would be accepted, but it is beyond the bound
+    assert await cache.get(ask("capital of france")) is None
+    stats = await cache.stats()
+    assert (stats.hits, stats.misses, stats.verifier_refusals) == (0, 2, 4)
+
+
+async def test_verify_is_never_asked_about_candidates_below_the_threshold(
+    make_cache: Factory,
+) -> None:
+    judge = Judge(refuse={"sim 0.96"})
+    cache = make_cache(similarity_threshold=0.7, verify=judge)
+    await _three_candidates(cache)
+    assert await cache.get(ask("capital of france")) == "middle"
+    assert await cache.get(ask("capital of france"), similarity_threshold=0.9) is None
+    assert [call[1] for call in judge.calls] == ["sim 0.96", "sim 0.8", "sim 0.96"]
+
+
+async def test_an_exact_repeat_is_served_without_asking_verify(make_cache: Factory) -> None:
+    judge = Judge(refuse={"capital of france"})
+    cache = make_cache(similarity_threshold=0.9, verify=judge)
+    await cache.put(ask("capital of france"), "Paris")
+    assert await cache.get(ask("capital of france")) == "Paris"
+    assert judge.calls == []
+    # the same text in another query (a paraphrase's vector) is asked about
+    assert await cache.get(ask("same vector as base")) is None
+    assert judge.calls == [("same vector as base", "capital of france", 1.0)]
+
+
+async def test_a_verifier_that_raises_refuses_and_never_fails_the_lookup(
+    make_cache: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    judge = Judge(raise_on={"sim 0.96", "sim 0.8"})
+    cache = make_cache(similarity_threshold=0.5, verify=judge)
+    await _three_candidates(cache)
+    with caplog.at_level("WARNING", logger="aiocache_llm.semantic"):
+        assert await cache.get(ask("capital of france")) == "far"
+        assert await cache.get(ask("capital of france")) == "far"
+    stats = await cache.stats()
+    assert (stats.hits, stats.verifier_refusals, stats.verifier_errors) == (2, 4, 4)
+    warnings = [r for r in caplog.records if r.name == "aiocache_llm.semantic"]
+    assert len(warnings) == 1  # logged once per cache
+    assert "RuntimeError" in warnings[0].getMessage()
+    assert "sim 0.96" not in warnings[0].getMessage()  # never the texts
+
+
+@pytest.mark.parametrize("verdict", [None, 1, "yes"], ids=["none", "int", "str"])
+async def test_a_verdict_that_is_not_a_bool_counts_as_an_error(
+    make_cache: Factory, verdict: Any
+) -> None:
+    cache = make_cache(similarity_threshold=0.5, verify=lambda q, c, s: verdict)
+    await cache.put(ask("sim 0.96"), "near")
+    assert await cache.get(ask("capital of france")) is None
+    stats = await cache.stats()
+    assert (stats.misses, stats.verifier_refusals, stats.verifier_errors) == (1, 1, 1)
+
+
+async def test_a_numpy_bool_verdict_is_a_verdict(make_cache: Factory) -> None:
+    cache = make_cache(similarity_threshold=0.5, verify=lambda q, c, s: np.bool_(s > 0.9))
+    await cache.put(ask("sim 0.96"), "near")
+    assert await cache.get(ask("capital of france")) == "near"
+    assert (await cache.stats()).verifier_errors == 0
+
+
+async def test_verify_sees_the_text_another_instance_stored(
+    make_cache: Factory, backend: Backend
+) -> None:
+    text = "ünïcödé question 🚀 \u2028 with\nnewlines"
+    table = {**VECTORS, text: VECTORS["sim 0.96"]}
+    judge = AsyncJudge()
+    writer = make_cache(TableEmbedder(table), similarity_threshold=0.9, verify=judge)
+    reader = (
+        writer
+        if backend.is_memory
+        else make_cache(TableEmbedder(table), similarity_threshold=0.9, verify=judge)
+    )
+    await writer.put(ask(text), "answer")
+    assert await reader.get(ask("capital of france")) == "answer"
+    assert judge.calls == [("capital of france", text, 0.96)]
+
+
+async def test_verify_applies_per_scope(make_cache: Factory) -> None:
+    judge = Judge()
+    cache = make_cache(similarity_threshold=0.5, verify=judge)
+    await cache.put(ask("sim 0.96", model="other"), "other model")
+    await cache.put(ask("sim 0.6"), "this model")
+    assert await cache.get(ask("capital of france")) == "this model"
+    assert [call[1] for call in judge.calls] == ["sim 0.6"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"verify": "not callable"},
+        {"verify": Judge(), "max_verify_candidates": 0},
+        {"verify": Judge(), "max_verify_candidates": 65},
+        {"verify": Judge(), "max_verify_candidates": True},
+        {"verify": Judge(), "max_verify_candidates": 2.0},
+    ],
+    ids=["verify", "zero", "too-many", "bool", "float"],
+)
+async def test_bad_verify_config_fails_at_construction(make_cache: Factory, kwargs: Any) -> None:
+    with pytest.raises((InvalidInputError, InvalidInputTypeError)):
+        make_cache(**kwargs)
+
+
+async def test_verify_appears_in_the_repr(make_cache: Factory) -> None:
+    cache = make_cache(verify=Judge(), max_verify_candidates=3)
+    assert "verify=Judge, max_candidates=3" in repr(cache)
+
+
+async def test_probe_reports_what_a_lookup_would_serve_without_serving_it(
+    make_cache: Factory,
+) -> None:
+    judge = Judge(refuse={"sim 0.96"})
+    cache = make_cache(similarity_threshold=0.7, verify=judge)
+    assert await cache.probe(ask("capital of france")) == (  # type: ignore[attr-defined]
+        "capital of france",
+        None,
+        None,
+        0.7,
+        None,
+        False,
+    )
+    await _three_candidates(cache)
+    probe = await cache.probe(ask("capital of france"))  # type: ignore[attr-defined]
+    assert probe.candidate_text == "sim 0.8"
+    assert probe.similarity == pytest.approx(0.8, abs=1e-5)
+    assert (probe.verified, probe.would_hit) == (True, True)
+    # below the threshold: still measured (for calibration), not a would-be hit
+    probe = await cache.probe(ask("capital of france"), similarity_threshold=0.9)  # type: ignore[attr-defined]
+    assert (probe.candidate_text, probe.verified, probe.would_hit) == ("sim 0.8", True, False)
+    judge.refuse = {"sim 0.96", "sim 0.8", "sim 0.6"}
+    probe = await cache.probe(ask("capital of france"))  # type: ignore[attr-defined]
+    assert (probe.candidate_text, probe.verified, probe.would_hit) == ("sim 0.96", False, False)
+    exact = await cache.probe(ask("sim 0.6"))  # type: ignore[attr-defined]
+    assert (exact.candidate_text, exact.similarity, exact.would_hit) == ("sim 0.6", 1.0, True)
+    stats = await cache.stats()
+    assert (stats.hits, stats.misses, stats.verifier_refusals) == (0, 0, 0)  # nothing counted
+
+
+async def test_probe_without_a_verifier_reports_the_best_candidate(make_cache: Factory) -> None:
+    cache = make_cache(similarity_threshold=0.9)
+    await _three_candidates(cache)
+    probe = await cache.probe(ask("capital of france"))  # type: ignore[attr-defined]
+    assert (probe.candidate_text, probe.verified, probe.would_hit) == ("sim 0.96", None, True)
+    no_text = anthropic(tool_result("18 C"), messages=TOOL_TURN)
+    assert await cache.probe(no_text) is None  # type: ignore[attr-defined]
+
+
+async def test_the_texts_go_with_their_entries(make_cache: Factory, redis_backend: Backend) -> None:
+    cache = make_cache(similarity_threshold=0.5, verify=Judge())
+    await cache.put(ask("sim 0.96"), "near")
+    await cache.put(ask("sim 0.8"), "middle")
+    (texts_key,) = await _scope_keys(redis_backend, "txt")
+    assert redis_backend.redis is not None
+    client = redis_backend.redis.client
+    assert sorted(await client.hvals(texts_key)) == [b"sim 0.8", b"sim 0.96"]
+    assert await cache.invalidate(ask("sim 0.96")) is True
+    assert await client.hvals(texts_key) == [b"sim 0.8"]
+    await cache.clear()
+    assert await client.exists(texts_key) == 0
+
+
+async def test_an_entry_without_a_stored_text_is_refused_unasked(
+    make_cache: Factory, redis_backend: Backend
+) -> None:
+    """Entries written by a version that stored no text are never served through verify."""
+    judge = Judge()
+    cache = make_cache(similarity_threshold=0.5, verify=judge)
+    await cache.put(ask("sim 0.96"), "near")
+    await cache.put(ask("sim 0.8"), "middle")
+    (texts_key,) = await _scope_keys(redis_backend, "txt")
+    assert redis_backend.redis is not None
+    await redis_backend.redis.client.hdel(
+        texts_key, QueryKeys(None).semantic_parts(ask("sim 0.96"))[2]
+    )
+    assert await cache.get(ask("capital of france")) == "middle"
+    assert [call[1] for call in judge.calls] == ["sim 0.8"]
+    assert (await cache.stats()).verifier_refusals == 1
+
+
+async def test_a_verified_lookup_fetches_the_candidates_texts_in_one_call(
+    make_cache: Factory, redis_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The texts of every candidate come with the best one's value: no call per candidate."""
+    judge = Judge(refuse={"sim 0.96"})
+    cache = make_cache(similarity_threshold=0.5, verify=judge)
+    await _three_candidates(cache)
+    calls: list[str] = []
+    assert isinstance(cache, RedisSemanticCache)
+    for name in ("_fetch", "_fetch_texts"):
+        script = getattr(cache, name)
+
+        async def counted(*args: Any, _script: Any = script, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return await _script(*args, **kw)
+
+        monkeypatch.setattr(cache, name, counted)
+    judge.refuse = set()
+    assert await cache.get(ask("capital of france")) == "near"
+    assert calls == ["_fetch_texts"]  # the best accepted: its value came with the texts
+    calls.clear()
+    judge.refuse = {"sim 0.96", "sim 0.8"}
+    assert await cache.get(ask("capital of france")) == "far"
+    assert calls == ["_fetch_texts", "_fetch"]  # one more call for the third candidate
+    assert [call[1] for call in judge.calls[-3:]] == ["sim 0.96", "sim 0.8", "sim 0.6"]
+
+
+# --- Redis Cluster: the whole cache in its hash tag's slot ---------------------------
+
+
+@pytest.fixture
+def cluster_backend(backend: Backend) -> Backend:
+    if backend.kind != "cluster":
+        pytest.skip("Redis Cluster only")
+    return backend
+
+
+async def test_a_cluster_needs_a_hash_tagged_prefix(cluster_backend: Backend) -> None:
+    assert cluster_backend.redis is not None
+    untagged = cluster_backend.redis.prefix.strip("{}")
+    with pytest.raises(InvalidInputError, match="hash tag"):
+        RedisSemanticCache(
+            TableEmbedder(), client=cluster_backend.redis.client, key_prefix=untagged
+        )
+    with pytest.raises(InvalidInputError, match="hash tag"):
+        RedisSemanticCache(
+            TableEmbedder(), client=cluster_backend.redis.client, key_prefix=untagged, max_size=5
+        )
+
+
+async def test_on_a_cluster_every_key_of_the_cache_shares_its_tags_slot(
+    make_cache: Factory, make_exact: Callable[..., Any], cluster_backend: Backend
+) -> None:
+    from aiocache_llm.backends.redis.cluster import key_slot_of
+
+    assert cluster_backend.redis is not None
+    client, prefix = cluster_backend.redis.client, cluster_backend.redis.prefix
+    cache = make_cache(similarity_threshold=0.9, max_size=10, ttl_seconds=60)
+    exact = make_exact(max_size=10)
+    await cache.put(ask("capital of france"), "Paris")
+    await cache.put(ask("other axis", model="another"), "elsewhere")
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    assert await cache.promote(hit, exact, exact.signature(ask("sim 0.96"))) is True
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    assert len(keys) >= 10  # two scopes' keys, values, indexes, a promotion record
+    assert {key_slot_of(k) for k in keys} == {key_slot_of(prefix)}
+    await cache.clear()
+    assert await exact.get(ask("sim 0.96")) is None
+    assert [k async for k in client.scan_iter(match=f"{prefix}:s:*")] == []
+    await exact.aclose()
+
+
+async def test_on_a_cluster_a_promotion_goes_only_into_the_caches_slot(
+    make_cache: Factory, cluster_backend: Backend
+) -> None:
+    assert cluster_backend.redis is not None
+    client, prefix = cluster_backend.redis.client, cluster_backend.redis.prefix
+    cache = make_cache(similarity_threshold=0.9)
+    assert isinstance(cache, RedisSemanticCache)
+    await cache.put(ask("capital of france"), "Paris")
+    hit = await cache.lookup(ask("sim 0.96"))
+    assert hit is not None
+    untagged = prefix.strip("{}") + ":exact"  # its entries spread over every slot
+    other_tag = "{" + prefix.strip("{}") + "-other}:exact"  # another slot
+    same_tag = RedisExactCache(client=client, key_prefix=f"{prefix}:exact")
+    assert cache.can_promote_into(same_tag)
+    for exact_prefix in (untagged, other_tag):
+        exact = RedisExactCache(client=client, key_prefix=exact_prefix)
+        assert not cache.can_promote_into(exact)
+        assert await cache.promote(hit, exact, exact.signature(ask("sim 0.96"))) is False
+        assert await exact.get(ask("sim 0.96")) is None
+        await exact.clear()
+        await exact.aclose()
+    assert await cache.promote(hit, same_tag, same_tag.signature(ask("sim 0.96"))) is True
+    assert await same_tag.get(ask("sim 0.96")) == "Paris"
+    await same_tag.aclose()

@@ -257,6 +257,41 @@ async def test_a_stream_cut_mid_way_fails_every_consumer_after_its_events(
     assert server.stream_requests == 2
 
 
+async def test_an_error_event_mid_stream_raises_the_sdk_error_after_the_events(
+    server: FakeAnthropicServer, wrapped: CachedAnthropic
+) -> None:
+    server.error_after = 2
+    seen: list[Any] = []
+
+    async def consume() -> None:
+        async for event in await wrapped.messages.create(**QUERY, stream=True):
+            seen.append(event)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await consume()
+    assert server.streams_errored == 1
+    # the SDK's own exception, as it raises it for an error event (the HTTP status was
+    # 200, so the plain APIStatusError), with the API's body
+    assert type(caught.value) is anthropic.APIStatusError
+    assert "overloaded_error" in str(caught.value)
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+    }
+    assert [type(event) for event in seen] == [
+        RawMessageStartEvent,
+        RawContentBlockStartEvent,
+        RawContentBlockDeltaEvent,
+        RawContentBlockDeltaEvent,
+    ]
+    assert text_of(seen) == " ".join(ANSWER.split()[:2]) + " "
+    assert (await wrapped.gateway.exact_cache.stats()).size == 0  # nothing stored
+    server.error_after = None
+    assert text_of(await read(await wrapped.messages.create(**QUERY, stream=True))) == ANSWER
+    assert server.stream_requests == 2  # the identical request reached the server again
+    assert server.streams_completed == 1
+
+
 class SlowStreamingClient:
     """An AsyncAnthropic look-alike whose stream never sends its first event."""
 

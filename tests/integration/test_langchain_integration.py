@@ -220,7 +220,9 @@ async def test_a_value_that_would_not_come_back_equal_is_refused() -> None:
     async with LangChainCache(skip_unstorable=True) as cache:
         await cache.aupdate(PROMPT, LLM_STRING, not_json)
         assert await cache.alookup(PROMPT, LLM_STRING) is None
-        assert (await cache.exact_cache.stats()).size == 0
+        built = cache.exact_cache
+        assert isinstance(built, MemoryExactCache)  # the one LangChainCache builds
+        assert (await built.stats()).size == 0
 
 
 async def test_stored_data_can_only_revive_the_allowed_data_classes() -> None:

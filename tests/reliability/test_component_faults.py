@@ -166,7 +166,7 @@ async def test_a_leader_frozen_past_its_lease_releases_nothing_it_lost(
         tasks_before = len(asyncio.all_tasks())
         leader = asyncio.ensure_future(gateway.resolve(query("slow")))
         await asyncio.sleep(0.3)
-        assert await observer.exists(f"renew:lease:{cache.signature(query('slow'))}") == 1
+        assert await observer.exists(f"renew:lease:{{{cache.signature(query('slow'))}}}") == 1
         server.freeze()
         try:
             await asyncio.sleep(0.9)  # past the lease: renewals time out

@@ -37,21 +37,39 @@ Test controls, plain attributes that a test may change between requests:
   connection is closed). The SDK raises ``anthropic.APIConnectionError`` from the
   iteration (it maps every transport error met while reading the body to it, see
   ``anthropic/_streaming.py``). Non-streaming requests ignore it.
+* ``error_after``: when not ``None``, a stream sends ``message_start``,
+  ``content_block_start``, ``ping`` and that many ``content_block_delta`` events, then
+  an ``event: error`` with the API's body ``{"type": "error", "error": {"type":
+  error_type, "message": ...}}`` (``error_type`` defaults to ``"overloaded_error"``)
+  and ends the response cleanly, as the real API does when it fails mid-stream. The
+  SDK raises ``anthropic.APIStatusError`` from the iteration (the plain class: the
+  HTTP status was 200), with that body as ``.body``. Non-streaming requests ignore it.
 * ``status_error``: when not ``None``, every request is answered with that HTTP status
   and Anthropic's error body ``{"type": "error", "error": {"type", "message"},
   "request_id"}``; the SDK raises the matching ``anthropic.APIStatusError`` subclass
   (429 gives ``anthropic.RateLimitError``).
+
+Requests are validated as the API does: ``messages`` must be a non-empty list of
+``user``/``assistant`` messages with non-empty content (the last one excepted, if it
+is the assistant's), every ``tool_result`` block must answer a ``tool_use`` block of the
+message right before it, and every ``tool_use`` block must be answered by a
+``tool_result`` block in the message right after it. A request that breaks one of
+these is answered 400 with the API's ``invalid_request_error`` body (the real API's
+wording) and counted in ``rejected``. Set ``validate_messages = False`` to accept
+anything.
 
 Counters: ``requests`` (every HTTP request, 404s and ``status_error`` answers included),
 ``stream_requests`` (message requests with ``"stream": true``, also when answered with
 ``status_error``), ``bodies`` (the parsed JSON body of every message request, in order),
 ``headers`` (the request headers of every message request, lower-case names, in order),
 ``streams_completed`` (streams that sent ``message_stop``), ``streams_aborted``
-(streams cut by ``fail_after``) and ``streams_closed_early`` (streams that ended before
-``message_stop`` for any other reason: the client disconnected, or ``stop()`` cancelled
-them). The server sees a disconnect a moment after the client closes, so poll with
-``await server.wait_for(...)``. ``reset()`` zeroes the counters and clears
-``chunk_delay``, ``fail_after`` and ``status_error``. Any other path or method is
+(streams cut by ``fail_after``), ``streams_errored`` (streams ended by
+``error_after``) and ``streams_closed_early`` (streams that ended before
+``message_stop`` for any other reason: the client disconnected, or ``stop()``
+cancelled them). The server sees a disconnect a moment after the client closes, so
+poll with ``await server.wait_for(...)``. ``reset()`` zeroes the counters and clears
+``chunk_delay``, ``fail_after``, ``error_after`` and ``status_error``. Any other path
+or method is
 answered 404 with an Anthropic error body.
 """
 
@@ -74,6 +92,7 @@ __all__ = [
     "FakeAnthropicServer",
     "StreamAborted",
     "echo_reply",
+    "message_errors",
     "message_text",
     "prompt_chars",
     "split_pieces",
@@ -110,6 +129,58 @@ def message_text(content: Any) -> str:
             if isinstance(block, dict) and block.get("type") == "text"
         )
     return ""
+
+
+def _blocks(content: Any, kind: str, field: str) -> list[Any]:
+    if not isinstance(content, list):
+        return []
+    return [b.get(field) for b in content if isinstance(b, dict) and b.get("type") == kind]
+
+
+def message_errors(messages: Any) -> str | None:
+    """Why the API would refuse ``messages`` (its own wording), or ``None`` if it would not."""
+    if not isinstance(messages, list) or not messages:
+        return "messages: at least one message is required"
+    last = len(messages) - 1
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"messages.{index}.role: Input should be 'user' or 'assistant'"
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            return f"messages.{index}.content: Input should be a valid string or list"
+        if not content and not (index == last and message["role"] == "assistant"):
+            return (
+                f"messages.{index}: all messages must have non-empty content except for "
+                "the optional final assistant message"
+            )
+        previous = messages[index - 1] if index else None
+        offered = (
+            set(_blocks(previous.get("content"), "tool_use", "id"))
+            if isinstance(previous, dict) and previous.get("role") == "assistant"
+            else set()
+        )
+        unexpected = [i for i in _blocks(content, "tool_result", "tool_use_id") if i not in offered]
+        if unexpected:
+            return (
+                f"messages.{index}.content: unexpected `tool_use_id` found in `tool_result` "
+                f"blocks: {', '.join(map(str, unexpected))}. Each `tool_result` block must "
+                "have a corresponding `tool_use` block in the previous message."
+            )
+        uses = _blocks(content, "tool_use", "id") if message["role"] == "assistant" else []
+        following = messages[index + 1] if index < last else None
+        answered = (
+            set(_blocks(following.get("content"), "tool_result", "tool_use_id"))
+            if isinstance(following, dict) and following.get("role") == "user"
+            else set()
+        )
+        missing = [i for i in uses if i not in answered]
+        if missing:
+            return (
+                f"messages.{index}: `tool_use` ids were found without `tool_result` blocks "
+                f"immediately after: {', '.join(map(str, missing))}. Each `tool_use` block "
+                "must have a corresponding `tool_result` block in the next message."
+            )
+    return None
 
 
 def echo_reply(body: JSON) -> str:
@@ -160,9 +231,22 @@ class FakeAnthropicServer(LoopbackServer):
     test controls and the counters (``headers`` too: the request headers, in order).
     """
 
+    def __init__(self, **options: Any) -> None:
+        """See :class:`LoopbackServer` for ``options``."""
+        super().__init__(**options)
+        self.error_after: int | None = None
+        self.error_type = "overloaded_error"
+        self.validate_messages = True
+
+    def reset(self) -> None:
+        super().reset()
+        self.error_after = None
+
     def _reset_counters(self) -> None:
         super()._reset_counters()
         self.headers: list[dict[str, str]] = []
+        self.streams_errored = 0
+        self.rejected = 0
 
     def client(self, **kwargs: Any) -> anthropic.AsyncAnthropic:
         """A real ``anthropic.AsyncAnthropic`` for this server, closed by ``stop()``.
@@ -297,6 +381,11 @@ class FakeAnthropicServer(LoopbackServer):
             status = self.status_error
             await _send_json(send, status, _error_body(status))
             return
+        problem = message_errors(body.get("messages")) if self.validate_messages else None
+        if problem is not None:
+            self.rejected += 1
+            await _send_json(send, 400, _error_body(400, problem))
+            return
         if streaming:
             await self._stream(body, receive, send)
         else:
@@ -307,6 +396,7 @@ class FakeAnthropicServer(LoopbackServer):
         fail_after = self.fail_after
         # message_start, content_block_start and ping come before the first delta
         cut_at = None if fail_after is None else 3 + fail_after
+        error_at = None if self.error_after is None else 3 + self.error_after
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
         ended = False  # sent message_stop or aborted on purpose
@@ -332,6 +422,14 @@ class FakeAnthropicServer(LoopbackServer):
                     ended = True
                     self.streams_aborted += 1
                     raise StreamAborted(f"stream cut after {fail_after} content_block_delta")
+                if index == error_at:
+                    error = {"type": self.error_type, "message": "Overloaded"}
+                    await _send_event(
+                        send, "error", {"type": "error", "error": error}, more_body=False
+                    )
+                    ended = True
+                    self.streams_errored += 1
+                    return
                 await _send_event(send, name, data, more_body=index != last)
             ended = True
             self.streams_completed += 1

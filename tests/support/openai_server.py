@@ -32,6 +32,15 @@ Test controls, plain attributes that a test may change between requests:
   an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``; the SDK raises
   the matching ``openai.APIStatusError`` subclass (429 gives ``openai.RateLimitError``).
 
+Requests are validated as the API does: ``messages`` must be a non-empty list of
+messages with a known role; an assistant message needs ``content`` unless it has
+``tool_calls``; every ``tool`` message must answer (by ``tool_call_id``) a tool call of
+the assistant message right before it (other tool messages between them allowed), and
+every tool call must be answered before the next non-tool message. A request that
+breaks one of these is answered 400 with the API's ``invalid_request_error`` body
+(the same messages as the real API) and counted in ``rejected``. Set
+``validate_messages = False`` to accept anything.
+
 Counters: ``requests`` (every HTTP request, 404s and ``status_error`` answers included),
 ``stream_requests`` (chat requests with ``"stream": true``, also when answered with
 ``status_error``), ``bodies`` (the parsed JSON body of every chat request, in order),
@@ -41,11 +50,23 @@ any other reason: the client disconnected, or ``stop()`` cancelled them). The se
 disconnect a moment after the client closes, so poll with ``await server.wait_for(...)``.
 ``reset()`` zeroes the counters and clears ``chunk_delay``, ``fail_after`` and
 ``status_error``. Any other path or method is answered 404 with an OpenAI-shaped body.
+
+``POST /v1/embeddings`` answers with the API's ``list`` of ``embedding`` objects (in
+input order, ``index`` set) and ``usage`` (``prompt_tokens = total_tokens =
+<characters of the inputs> // 4 + 1``). The vectors are deterministic:
+``HashingEmbedder(dimensions)`` of each input (unit length, ``embedding_dimension``
+= 64 floats unless the request sets ``dimensions``; paraphrases land close, as with a
+real model), as float lists or, with ``"encoding_format": "base64"`` (what the SDK
+asks for by default), base64 of their little-endian float32 bytes. An input that is
+not a non-empty string or a list of them gets a 400. ``status_error`` applies.
+Counters: ``embedding_requests`` and ``embedding_inputs`` (the list of texts of each
+request, in order); embedding requests are not in ``bodies``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -57,12 +78,14 @@ from typing import Any
 
 import openai
 
+from aiocache_llm.embedders.hashing import HashingEmbedder
 from tests.support.loopback_server import LoopbackServer, StreamAborted
 
 __all__ = [
     "FakeOpenAIServer",
     "StreamAborted",
     "echo_reply",
+    "message_errors",
     "message_text",
     "prompt_chars",
     "split_pieces",
@@ -74,6 +97,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 
 # type and code of the error body the real API sends with each status.
 _ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
@@ -98,6 +122,59 @@ def message_text(content: Any) -> str:
             if isinstance(part, dict) and part.get("type") == "text"
         )
     return ""
+
+
+_OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def message_errors(messages: Any) -> str | None:
+    """Why the API would refuse ``messages`` (its own wording), or ``None`` if it would not."""
+    if not isinstance(messages, list) or not messages:
+        return "Invalid 'messages': expected a non-empty array of messages."
+    pending: list[str] = []  # tool calls of the last assistant message not answered yet
+    answerable: set[str] = set()
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _OPENAI_ROLES:
+            return f"Invalid value for 'messages[{index}].role'."
+        role = message["role"]
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or call_id not in answerable:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'."
+                )
+            if call_id in pending:
+                pending.remove(call_id)
+            continue
+        if pending:
+            return (
+                "An assistant message with 'tool_calls' must be followed by tool messages "
+                "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                f"response messages: {', '.join(pending)}"
+            )
+        answerable = set()
+        content = message.get("content")
+        if role == "assistant":
+            calls = message.get("tool_calls") or []
+            if content is None and not calls and message.get("function_call") is None:
+                return (
+                    f"Invalid value for 'messages[{index}].content': expected a string, got null."
+                )
+            found = [call.get("id") for call in calls if isinstance(call, dict)]
+            ids: list[str] = [i for i in found if isinstance(i, str)]
+            if len(ids) != len(calls):
+                return f"Invalid value for 'messages[{index}].tool_calls'."
+            pending, answerable = list(ids), set(ids)
+        elif not isinstance(content, (str, list)):
+            return f"Invalid value for 'messages[{index}].content': expected a string or array."
+    if pending:
+        return (
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(pending)}"
+        )
+    return None
 
 
 def echo_reply(body: JSON) -> str:
@@ -152,6 +229,14 @@ class FakeOpenAIServer(LoopbackServer):
         """See :class:`LoopbackServer` for ``options``."""
         super().__init__(**options)
         self.system_fingerprint = system_fingerprint
+        self.embedding_dimension = 64
+        self.validate_messages = True
+
+    def _reset_counters(self) -> None:
+        super()._reset_counters()
+        self.rejected = 0
+        self.embedding_requests = 0
+        self.embedding_inputs: list[list[str]] = []
 
     def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
         """A real ``openai.AsyncOpenAI`` for this server, closed by ``stop()``.
@@ -246,6 +331,36 @@ class FakeOpenAIServer(LoopbackServer):
             chunks.append({**common, "choices": [], "usage": self.usage_for(body, pieces)})
         return chunks
 
+    def embeddings_for(self, body: JSON) -> JSON | None:
+        """The ``list`` object answering an embeddings request, or ``None`` for a bad input."""
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not texts:
+            return None
+        if not all(isinstance(text, str) and text for text in texts):
+            return None
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
+            return None
+        embedder = HashingEmbedder(dimensions or self.embedding_dimension)
+        base64_format = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = embedder(text)
+            embedding: Any = (
+                base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                if base64_format
+                else [float(x) for x in vector]
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(len(text) for text in texts) // 4 + 1
+        return {
+            "object": "list",
+            "data": data,
+            "model": str(body.get("model") or "text-embedding-test"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
     # ------------------------------------------------------------------ ASGI
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -254,6 +369,9 @@ class FakeOpenAIServer(LoopbackServer):
         self.requests += 1
         raw = await _read_body(receive)
         method, path = scope["method"], scope["path"]
+        if method == "POST" and path.rstrip("/") == EMBEDDINGS_PATH:
+            await self._embeddings(raw, send)
+            return
         if method != "POST" or path.rstrip("/") != CHAT_PATH:
             message = f"Invalid URL ({method} {path})"
             await _send_json(send, 404, _error_body(404, message, code=None))
@@ -274,10 +392,34 @@ class FakeOpenAIServer(LoopbackServer):
             status = self.status_error
             await _send_json(send, status, _error_body(status))
             return
+        problem = message_errors(body.get("messages")) if self.validate_messages else None
+        if problem is not None:
+            self.rejected += 1
+            await _send_json(send, 400, _error_body(400, problem, param="messages"))
+            return
         if streaming:
             await self._stream(body, receive, send)
         else:
             await _send_json(send, 200, self.completion_for(body))
+
+    async def _embeddings(self, raw: bytes, send: Send) -> None:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        self.embedding_requests += 1
+        if isinstance(body, dict):
+            given = body.get("input")
+            self.embedding_inputs.append([given] if isinstance(given, str) else list(given or []))
+        if self.status_error is not None:
+            await _send_json(send, self.status_error, _error_body(self.status_error))
+            return
+        answer = self.embeddings_for(body) if isinstance(body, dict) else None
+        if answer is None:
+            message = "'input' must be a non-empty string or a list of non-empty strings."
+            await _send_json(send, 400, _error_body(400, message, param="input"))
+            return
+        await _send_json(send, 200, answer)
 
     async def _stream(self, body: JSON, receive: Receive, send: Send) -> None:
         chunks = self.chunks_for(body)

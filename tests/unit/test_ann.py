@@ -6,6 +6,7 @@ Tests that build graphs skip when the ``ann`` extra (usearch) is not installed.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import math
 import subprocess
@@ -323,3 +324,23 @@ async def test_build_index_is_a_no_op_without_ann() -> None:
     await cache.build_index()
     assert await cache.get("question again") == "answer"
     await cache.aclose()
+
+
+# the ann and embed extras together
+
+
+@pytest.mark.parametrize(
+    "imports",
+    ["import usearch.index; import onnxruntime", "import onnxruntime; import usearch.index"],
+)
+def test_the_ann_and_embed_extras_import_together_in_either_order(imports: str) -> None:
+    # usearch 2.26.2+ with onnxruntime >= 1.24 dies with SIGSEGV when usearch comes first:
+    # the pin in pyproject.toml must keep a process that uses both extras alive
+    # find_spec, not importorskip: importing both here would kill the test run itself
+    for extra in ("usearch", "onnxruntime"):
+        if importlib.util.find_spec(extra) is None:
+            pytest.skip(f"{extra} is not installed")
+    done = subprocess.run(
+        [sys.executable, "-c", imports], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"{imports!r} exited with {done.returncode}: {done.stderr[-500:]}"

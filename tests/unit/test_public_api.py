@@ -43,6 +43,8 @@ CONTRACT_NAMES = {
     "SingleFlight",
     "InferenceGateway",
     "cached_completion",
+    # semantic quality
+    "SemanticGuard",
 }
 
 # (class, parameter, default) the contract writes down; inspect.Parameter.empty = required
@@ -61,6 +63,8 @@ CONTRACT_DEFAULTS: list[tuple[str, str, Any]] = [
     ("RedisSemanticCache", "similarity_threshold", 0.95),
     ("RedisSemanticCache", "max_size", None),
     ("RedisSemanticCache", "ttl_seconds", None),
+    ("MemorySemanticCache", "verify", None),
+    ("RedisSemanticCache", "verify", None),
     ("MemoryRateLimiter", "config", inspect.Parameter.empty),
     ("RedisRateLimiter", "config", inspect.Parameter.empty),
     ("RedisChatMemory", "config", None),
@@ -85,6 +89,20 @@ IMPLEMENTATIONS = {
     "AsyncSemanticCache": ["MemorySemanticCache", "RedisSemanticCache"],
     "AsyncRateLimiter": ["MemoryRateLimiter", "RedisRateLimiter"],
     "AsyncChatMemory": ["MemoryChatMemory", "RedisChatMemory"],
+}
+
+# capability protocols the gateway checks instead of classes: the built-ins that have
+# each one (and none of the others of their kind)
+CAPABILITIES = {
+    "AsyncSignatureKeyedCache": ["MemoryExactCache", "RedisExactCache"],
+    "SupportsInlineCompletion": ["MemoryExactCache"],
+    "SupportsValueCodec": ["MemoryExactCache", "RedisExactCache"],
+    "AsyncFleetExactCache": ["RedisExactCache"],
+    "AsyncReservingRateLimiter": ["MemoryRateLimiter", "RedisRateLimiter"],
+    "AsyncUsageRecordingRateLimiter": ["MemoryRateLimiter", "RedisRateLimiter"],
+    "AsyncBudgetedRateLimiter": ["MemoryRateLimiter", "RedisRateLimiter"],
+    "AsyncFailurePolicyRateLimiter": ["RedisRateLimiter"],
+    "StreamingProvider": [],
 }
 
 
@@ -126,6 +144,29 @@ def test_twins_share_the_protocol_methods_in_one_order(protocol: str) -> None:
         assert positions == sorted(positions), f"{name} orders its methods differently"
 
 
+async def test_capabilities_are_exported_and_the_built_ins_have_exactly_theirs() -> None:
+    unexported = set(CAPABILITIES) - set(aiocache_llm.__all__)
+    assert not unexported, f"capabilities missing from __all__: {sorted(unexported)}"
+    config = aiocache_llm.RateLimitConfig(10)
+    unreachable = "redis://127.0.0.1:1/0"  # built, never connected
+    built = [
+        aiocache_llm.MemoryExactCache(),
+        aiocache_llm.RedisExactCache(url=unreachable),
+        aiocache_llm.MemoryRateLimiter(config),
+        aiocache_llm.RedisRateLimiter(url=unreachable, config=config),
+    ]
+    try:
+        for capability, names in CAPABILITIES.items():
+            protocol = getattr(aiocache_llm, capability)
+            for instance in built:
+                has = type(instance).__name__ in names
+                assert isinstance(instance, protocol) is has, (capability, instance)
+        assert built[0].completes_inline is True  # only True promises it
+    finally:
+        for instance in built:
+            await instance.aclose()
+
+
 def test_every_class_is_an_async_context_manager() -> None:
     for names in IMPLEMENTATIONS.values():
         for name in names:
@@ -163,19 +204,19 @@ BUILT_SECTIONS = {
     "Layer 2: single-flight",
     "Layer 3: gateway and decorator",
     "Streaming",
+    "Semantic quality",
     "What a user expects beyond the names",
 }
 # names that live in submodules, checked by test_integration_modules_export_their_names;
 # then sections of open issues, checked once they are built: Cluster/Sentinel and near
-# cache (issues 12, 13), semantic quality (11)
+# cache (issues 12, 13)
 PENDING_SECTIONS = {
     "Integrations (optional extras)",
     "Scale: Redis Cluster, Sentinel, near cache",
-    "Semantic quality",
 }
 
 INTEGRATION_NAMES = {
-    "openai": ["OpenAIProvider", "wrap_openai"],
+    "openai": ["OpenAIProvider", "wrap_openai", "OpenAIEmbedder"],
     "anthropic": ["AnthropicProvider", "wrap_anthropic"],
     "litellm": ["LiteLLMProvider"],
     "langchain": ["LangChainCache"],
@@ -192,6 +233,18 @@ def test_integration_modules_export_their_names(
     for name in INTEGRATION_NAMES[module]:
         assert name in integration.__all__, f"{module}.{name}"
         assert callable(getattr(integration, name))
+
+
+def test_the_embeddings_cache_is_public_with_its_signature() -> None:
+    for name in ("CachedEmbedder", "CachedEmbedderStats", "HashingEmbedder"):
+        assert name in aiocache_llm.__all__
+    parameters = inspect.signature(aiocache_llm.CachedEmbedder).parameters
+    assert parameters["embed_fn"].default is inspect.Parameter.empty
+    for name, default in (("max_size", 4096), ("url", None), ("client", None), ("model_id", None)):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameters[name].default == default
+    assert inspect.iscoroutinefunction(aiocache_llm.CachedEmbedder.__call__)
+    assert inspect.iscoroutinefunction(aiocache_llm.CachedEmbedder.aclose)
 
 
 def test_gateway_stream_keeps_its_contract_signature() -> None:

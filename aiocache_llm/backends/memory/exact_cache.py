@@ -6,7 +6,7 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
@@ -39,6 +39,10 @@ class MemoryExactCache(AsyncResource):
     ``get``/``put``/``invalidate`` are O(1) plus the size of the value (expired
     entries are purged in O(log n) each); ``clear`` is O(n).
     """
+
+    completes_inline: ClassVar[bool] = True
+    """Capability flag: no coroutine of this cache ever suspends, so a sync caller (the
+    LangChain adapter) may drive one to completion without an event loop."""
 
     def __init__(
         self,

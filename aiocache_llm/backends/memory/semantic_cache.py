@@ -15,7 +15,14 @@ from pydantic import BaseModel
 from aiocache_llm.backends.ann import AnnSetting, resolve_ann
 from aiocache_llm.backends.memory.exact_cache import MemoryExactCache
 from aiocache_llm.backends.promotion import SemanticHit, promotion_ttl
-from aiocache_llm.backends.vectors import EmbeddingAdapter, EmbedFn, VectorIndex
+from aiocache_llm.backends.vectors import EmbeddingAdapter, EmbedFn, UnitVector, VectorIndex
+from aiocache_llm.backends.verification import (
+    DEFAULT_MAX_VERIFY_CANDIDATES,
+    SemanticProbe,
+    Verifier,
+    VerifyFn,
+    judge,
+)
 from aiocache_llm.core.clock import Clock
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, ValueCodec
 from aiocache_llm.core.errors import ClosedResourceError
@@ -35,6 +42,7 @@ class _Entry(NamedTuple):
     scope: str
     data: bytes
     expires_at: float  # on self._clock; inf = never
+    text: str  # the text that was embedded, for the verifier
 
 
 class MemorySemanticCache(AsyncResource):
@@ -87,6 +95,14 @@ class MemorySemanticCache(AsyncResource):
     but the best entry may be missed (recall below 1). The graph follows writes in
     background catch-ups (a large scope's first graph takes seconds to build; see
     :meth:`build_index`); meanwhile lookups search exactly.
+
+    ``verify=`` (a sync or async ``(query_text, candidate_text, similarity) -> bool``,
+    see :mod:`aiocache_llm.backends.verification`) checks candidates before they are
+    served: the live entries of the scope at or above the threshold are offered best
+    first, at most ``max_verify_candidates`` (1..64, default 4), and the first one
+    accepted is the hit; none accepted is a miss. Refusals (and verifiers that raise,
+    which refuse) are counted in ``stats()``. An exact repeat of a stored query is
+    served without asking: its text is the candidate's own.
     """
 
     def __init__(
@@ -103,7 +119,10 @@ class MemorySemanticCache(AsyncResource):
         dimension: int | None = None,
         embed_in_thread: bool = True,
         ann: AnnSetting = None,
+        verify: VerifyFn | None = None,
+        max_verify_candidates: int = DEFAULT_MAX_VERIFY_CANDIDATES,
     ) -> None:
+        self._verifier = None if verify is None else Verifier(verify, max_verify_candidates)
         self._embedding = EmbeddingAdapter(embed_fn, in_thread=embed_in_thread, dimension=dimension)
         self._ann = resolve_ann(ann)
         self._threshold = check_similarity("similarity_threshold", similarity_threshold)
@@ -130,6 +149,7 @@ class MemorySemanticCache(AsyncResource):
             f"MemorySemanticCache(size={len(self._entries)}/{bound}, scopes={len(self._scopes)}, "
             f"similarity_threshold={self._threshold}, ttl_seconds={self._ttl}, "
             f"embed_fn={self._embedding!r}, ann={self._ann is not None}, "
+            f"verify={self._verifier!r}, "
             f"hits={self._hits}, misses={self._misses})"
         )
 
@@ -177,15 +197,71 @@ class MemorySemanticCache(AsyncResource):
             # looked up again: the scope may have been emptied or refilled meanwhile
             index = self._scopes.get(scope)
             if index is not None:
-                now = self._clock()
-                # every row of the index has its entry, so the best one alone will do
-                for candidate in await index.best_async(vector, 1, now, threshold):
-                    entry = self._entries.get(candidate.entry_id)
-                    # the index may have been dropped by clear() while a thread searched it
-                    if entry is not None and entry.expires_at > now:
-                        return self._hit(candidate.entry_id, entry)
+                hit = await self._search(index, vector, text, threshold)
+                if hit is not None:
+                    return hit
         self._misses += 1
         return None
+
+    async def _search(
+        self, index: VectorIndex, vector: UnitVector, text: str, threshold: float
+    ) -> SemanticHit | None:
+        """The hit among the index's candidates (the verifier's first accepted), or None."""
+        now = self._clock()
+        verifier = self._verifier
+        # without a verifier every row of the index has its entry, so the best one will do
+        k = 1 if verifier is None else verifier.max_candidates
+        for candidate in await index.best_async(vector, k, now, threshold):
+            entry = self._entries.get(candidate.entry_id)
+            # the index may have been dropped by clear() while a thread searched it
+            if entry is None or entry.expires_at <= now:
+                continue
+            if verifier is None:
+                return self._hit(candidate.entry_id, entry)
+            # an async verifier yields: serve the entry only if it is still the one judged
+            if (
+                await verifier.accepts(text, entry.text, candidate.similarity)
+                and self._entries.get(candidate.entry_id) is entry
+                and entry.expires_at > self._clock()
+            ):
+                return self._hit(candidate.entry_id, entry)
+        return None
+
+    async def probe(
+        self, query: Query, *, similarity_threshold: float | None = None
+    ) -> SemanticProbe | None:
+        """What :meth:`lookup` would serve for ``query``, measured without serving it.
+
+        For shadow mode (see :class:`~aiocache_llm.backends.verification.SemanticProbe`):
+        nothing is counted, no entry is refreshed, and the verifier (if any) is asked
+        about up to ``max_verify_candidates`` candidates whatever their similarity.
+        ``None`` for a query whose last user message has no text. Same cost and
+        errors as :meth:`lookup`.
+        """
+        self._check_open()
+        threshold = self._threshold
+        if similarity_threshold is not None:
+            threshold = check_similarity("similarity_threshold", similarity_threshold)
+        try:
+            scope, text, digest = self._keys.semantic_parts(query)
+        except NoSemanticTextError:
+            return None
+        exact = self._entries.get(digest)
+        if exact is not None and exact.expires_at > self._clock():
+            return SemanticProbe(text, text, 1.0, threshold, None, True)
+        found: list[tuple[str | None, float]] = []
+        if scope in self._scopes:
+            vector = await self._embedding.embed(text)
+            self._embedding.check(vector)
+            index = self._scopes.get(scope)
+            if index is not None:
+                now = self._clock()
+                k = 1 if self._verifier is None else self._verifier.max_candidates
+                for candidate in await index.best_async(vector, k, now, -1.0):
+                    entry = self._entries.get(candidate.entry_id)
+                    if entry is not None and entry.expires_at > now:
+                        found.append((entry.text, candidate.similarity))
+        return await judge(text, found, threshold, self._verifier)
 
     async def put(self, query: Query, value: Any, *, ttl_seconds: float | None = None) -> None:
         """Store ``value`` under the query's scope and the embedding of its last user message.
@@ -217,7 +293,7 @@ class MemorySemanticCache(AsyncResource):
         index.upsert(digest, vector, expires_at)
         # the promotions of the value being replaced copy that value: they go
         self._drop_promotions_of(digest)
-        self._entries[digest] = _Entry(scope, data, expires_at)
+        self._entries[digest] = _Entry(scope, data, expires_at, text)
         self._entries.move_to_end(digest)
         self._purge_expired(now)
         if self._max_size:
@@ -281,15 +357,18 @@ class MemorySemanticCache(AsyncResource):
         await self._delete_dropped()
 
     async def stats(self) -> CacheStats:
-        """Return hits, misses, evictions and the number of live entries."""
+        """Return hits, misses, evictions, verifier counts and the number of live entries."""
         self._check_open()
         self._purge_expired(self._clock())
         await self._delete_dropped()
+        verifier = self._verifier
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
             size=len(self._entries),
             evictions=self._evictions,
+            verifier_refusals=0 if verifier is None else verifier.refusals,
+            verifier_errors=0 if verifier is None else verifier.errors,
         )
 
     async def build_index(self) -> None:

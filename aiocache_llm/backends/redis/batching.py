@@ -12,6 +12,14 @@ where redis-py spends most of its time per command.
 - :class:`ScriptBatcher` sends queued runs of one Lua script as one pipeline of
   ``EVALSHA`` (no ``MULTI``): each run stays atomic on the server on its own.
 
+On a Redis Cluster (a ``RedisCluster`` client) a batcher keeps one batch per node:
+each request goes to the batch of the primary serving its key's slot, so a slow or
+failing node delays and fails only its own callers. A node's batch of ``GET``s
+becomes one ``MGET`` per hash slot, sent together in one pipeline to that node; a
+node's script runs are one pipeline to that node. No command ever spans two slots.
+A request routed to a node that lost its slot (a failover, a resharding) is still
+sent by slot: the client follows the redirection.
+
 Cancellation: a cancelled caller stops waiting; its command may still run as part
 of a batch, and its result is dropped. A failed command (or batch) fails its callers
 with the mapped :class:`BackendError`, the driver's error as its ``__cause__``.
@@ -25,7 +33,9 @@ from typing import Any, Generic, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
+from aiocache_llm.backends.redis.cluster import slot_groups
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
 from aiocache_llm.backends.redis.lane import CommandLane
 
@@ -39,10 +49,14 @@ class _Batcher(Generic[Request]):
 
     operation = "command"
 
-    def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
+    def __init__(self, redis: Redis | RedisCluster, *, max_batch: int = 256) -> None:
         self._redis = redis
-        self._lane = CommandLane(redis)
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
+        self._lane = CommandLane(redis)  # on a cluster: the client itself, routed per command
         self._max_batch = max_batch
+        # on a cluster, the batcher a request goes to: one per node, by node name
+        self._nodes: dict[str, _Batcher[Request]] = {}
+        self._is_node = False
         self._queued: list[tuple[Request, asyncio.Future[Any]]] = []
         self._in_flight = False
         self._sent = 0
@@ -56,6 +70,25 @@ class _Batcher(Generic[Request]):
             f"{type(self).__name__}(sent={self._sent}, batches={self._batches}, "
             f"queued={len(self._queued)})"
         )
+
+    def _node_batcher(self, key: Any) -> _Batcher[Request]:
+        """The batcher of the node serving ``key`` (self on a single server)."""
+        if self._cluster is None or self._is_node:
+            return self
+        try:
+            node = self._cluster.get_node_from_key(key)
+            name = node.name if node is not None else ""
+        except Exception:  # no topology yet, or a slot not served: sent by slot anyway
+            name = ""
+        batcher = self._nodes.get(name)
+        if batcher is None:
+            batcher = self._nodes[name] = self._spawn()
+            batcher._is_node = True
+        return batcher
+
+    def _spawn(self) -> _Batcher[Request]:
+        """A batcher like this one, for the requests of one cluster node."""
+        raise NotImplementedError
 
     async def _submit(self, request: Request) -> Any:
         self._sent += 1
@@ -120,6 +153,8 @@ class _Batcher(Generic[Request]):
     async def aclose(self) -> None:
         """Give the lane's connection back to the client's pool (used again, it re-takes one)."""
         await self._lane.aclose()
+        for batcher in list(self._nodes.values()):
+            await batcher.aclose()
 
     def _operation_of(self, request: Request) -> str:
         """The operation an error of ``request`` is reported under."""
@@ -140,16 +175,33 @@ class GetBatcher(_Batcher[str]):
 
     async def get(self, key: str) -> bytes | None:
         """Return the value at ``key`` (``None`` if absent); raises :class:`BackendError`."""
-        value: bytes | None = await self._submit(key)
+        value: bytes | None = await self._node_batcher(key)._submit(key)
         return value
+
+    def _spawn(self) -> GetBatcher:
+        return GetBatcher(self._redis, max_batch=self._max_batch)
 
     async def _send_one(self, request: str) -> Any:
         return await self._lane.execute("GET", request)
 
     async def _send_many(self, requests: list[str]) -> Sequence[Any]:
-        # batches never overlap a lone command: the lane is free
-        result: Sequence[Any] = await self._lane.execute("MGET", *requests)
-        return result
+        if self._cluster is None:
+            # batches never overlap a lone command: the lane is free
+            result: Sequence[Any] = await self._lane.execute("MGET", *requests)
+            return result
+        groups = list(slot_groups(requests).values())
+        if len(groups) == 1:
+            return list(await self._cluster.execute_command("MGET", *requests))
+        # one MGET per slot (a multi-key command never spans slots), one pipeline
+        results: list[Any] = [None] * len(requests)
+        async with self._cluster.pipeline(transaction=False) as pipe:
+            for positions in groups:
+                pipe.execute_command("MGET", *(requests[i] for i in positions))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for positions, reply in zip(groups, replies, strict=True):
+            for index, position in enumerate(positions):
+                results[position] = reply if isinstance(reply, BaseException) else reply[index]
+        return results
 
 
 ScriptRun = tuple[Sequence[Any], Sequence[Any], str]
@@ -164,10 +216,18 @@ class ScriptBatcher(_Batcher[ScriptRun]):
     once, each on its own.
     """
 
-    def __init__(self, redis: Redis, source: str, *, operation: str, max_batch: int = 256) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, source: str, *, operation: str, max_batch: int = 256
+    ) -> None:
         super().__init__(redis, max_batch=max_batch)
         self.operation = operation
+        self._source = source
         self._script = redis.register_script(source)
+
+    def _spawn(self) -> ScriptBatcher:
+        return ScriptBatcher(
+            self._redis, self._source, operation=self.operation, max_batch=self._max_batch
+        )
 
     async def run(
         self, keys: Sequence[Any], args: Sequence[Any], *, operation: str | None = None
@@ -176,7 +236,8 @@ class ScriptBatcher(_Batcher[ScriptRun]):
 
         ``operation`` names the caller's operation in error messages.
         """
-        return await self._submit((keys, args, operation or self.operation))
+        batcher = self._node_batcher(keys[0]) if keys else self
+        return await batcher._submit((keys, args, operation or self.operation))
 
     def _operation_of(self, request: ScriptRun) -> str:
         return request[2]

@@ -116,6 +116,8 @@ class RedisChatMemory(RedisBackend):
     TTL leaves the key's current expiry as it is).
     """
 
+    supports_cluster = True
+
     def __init__(
         self,
         *,
@@ -216,6 +218,7 @@ class RedisChatMemory(RedisBackend):
     async def _store(self, key: str, conv_id: str, encoded: list[bytes]) -> None:
         keep = self._config.max_messages
         try:
+            await self._ready()
             kept = await self._append_messages(keys=[key], args=[keep, self._ttl_ms, *encoded])
         except DRIVER_ERRORS as exc:
             raise _map_error(exc, "append", conv_id) from exc
@@ -231,6 +234,7 @@ class RedisChatMemory(RedisBackend):
         self._check_open()
         key = self.key(conv_id)
         try:
+            await self._ready()
             stored: list[bytes | str] = await self._redis.lrange(key, 0, -1)
         except DRIVER_ERRORS as exc:
             raise _map_error(exc, "get_history", conv_id) from exc
@@ -245,6 +249,7 @@ class RedisChatMemory(RedisBackend):
         self._check_open()
         key = self.key(conv_id)
         try:
+            await self._ready()
             await self._redis.unlink(key)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "clear") from exc

@@ -10,9 +10,15 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from aiocache_llm.backends.redis.batching import GetBatcher
+from aiocache_llm.backends.redis.cluster import has_hash_tag, scan_keys
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, UndeclaredTypes, ValueCodec
-from aiocache_llm.core.errors import BackendError, CorruptEntryError, UndeclaredTypeError
+from aiocache_llm.core.errors import (
+    BackendError,
+    CorruptEntryError,
+    InvalidInputError,
+    UndeclaredTypeError,
+)
 from aiocache_llm.core.query import Normalizer, Query, QueryKeys
 from aiocache_llm.core.stats import CacheStats
 from aiocache_llm.core.validation import check_optional_positive_number, check_size_limit
@@ -194,8 +200,15 @@ class RedisExactCache(RedisBackend):
     entries with a TTL, scored by their expiry on the server's clock) maintained by
     Lua scripts. As in :class:`MemoryExactCache`, entries that have expired give up
     their slots before a live entry is evicted: each put reaps the expired entries
-    the bound needs, plus up to :data:`REAP_LIMIT`. It costs one index write per hit
-    and is not Redis Cluster compatible.
+    the bound needs, plus up to :data:`REAP_LIMIT`. It costs one index write per hit.
+
+    On a Redis Cluster (``client=RedisCluster(...)`` or a cluster ``url=``) every call
+    keeps its contract: an unbounded cache's entries spread over every primary
+    (concurrent gets go out as one ``MGET`` per slot, ``clear()`` and ``size`` SCAN
+    every primary); a bounded cache's scripts touch an entry and the indexes together,
+    so its ``key_prefix`` must hold a hash tag (``"{llm-cache}"``; else
+    :class:`InvalidInputError`) and the whole cache lives in that tag's slot: the LRU
+    bound stays exact, on one primary.
 
     Hits and misses are counted per process; ``size`` is read from Redis and counts
     live entries only: O(log n) for a bounded cache, O(keys in the database) with
@@ -209,6 +222,8 @@ class RedisExactCache(RedisBackend):
     Driver errors become :class:`BackendUnavailableError`/:class:`BackendError`.
     Cancelling a call may leave its command executed or not, never half executed.
     """
+
+    supports_cluster = True
 
     def __init__(
         self,
@@ -227,6 +242,12 @@ class RedisExactCache(RedisBackend):
         self._keys = QueryKeys(normalize)
         self._codec = ValueCodec(value_types, max_value_bytes=max_value_bytes)
         super().__init__(url=url, client=client, key_prefix=key_prefix)
+        if self._cluster is not None and self._max_size and not has_hash_tag(self._prefix):
+            raise InvalidInputError(
+                "a bounded RedisExactCache on a Redis Cluster needs a key_prefix holding a "
+                f"hash tag, e.g. '{{{self._prefix}}}': its entries and LRU index are "
+                "updated together by one script, so they must share a hash slot"
+            )
         self._index_key = f"{self._prefix}:{_INDEX_SUFFIX}"
         self._expiries_key = f"{self._index_key}:exp"
         # recency index, use tick counter, expiry index: KEYS[2..4] of the scripts
@@ -286,6 +307,7 @@ class RedisExactCache(RedisBackend):
         self._check_open()
         key = f"{self._prefix}:{digest}"
         try:
+            await self._ready()
             if self._max_size:
                 data = await self._get_and_touch(keys=[key, *self._index_keys])
             else:
@@ -335,6 +357,7 @@ class RedisExactCache(RedisBackend):
         data = self._codec.encode(value)
         ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else None
         try:
+            await self._ready()
             if self._max_size:
                 evicted = await self._put_bounded(
                     keys=[key, *self._index_keys],
@@ -356,9 +379,12 @@ class RedisExactCache(RedisBackend):
         self._check_open()
         key = f"{self._prefix}:{digest}"
         try:
+            await self._ready()
             if self._max_size:
+                # one slot on a cluster too: a bounded cache's keys share its hash tag
                 async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.unlink(key)
+                    # execute_command: a cluster pipeline's unlink() is a coroutine, never queued
+                    pipe.execute_command("UNLINK", key)
                     pipe.zrem(self._index_key, key)
                     pipe.zrem(self._expiries_key, key)
                     # an index of another type fails its ZREM only: the next put replaces it
@@ -387,9 +413,12 @@ class RedisExactCache(RedisBackend):
             await self._delete_matching(self._entry_pattern, batch=_CLEAR_BATCH)
             return
         try:
+            await self._ready()
             batch: list[bytes] = []
-            async for key in self._redis.scan_iter(match=self._entry_pattern, count=_CLEAR_BATCH):
-                batch.append(key)
+            # every primary of a cluster (the entries all live on the tag's one)
+            scan = scan_keys(self._cluster or self._redis, self._entry_pattern, count=_CLEAR_BATCH)
+            async for keys in scan:
+                batch.extend(keys)
                 if len(batch) >= _CLEAR_BATCH:
                     await self._drop_entries(keys=[self._index_key, self._expiries_key, *batch])
                     batch.clear()

@@ -11,6 +11,8 @@ connection checked out of the client's pool and talks on it directly.
   disconnects it like any other in-use connection, and the next command reconnects.
 - A pool too small to spare a connection (``max_connections`` below
   :data:`MIN_POOL_SIZE`) is never held from: commands then go through the client.
+  So are all commands of a ``RedisCluster`` (it routes each one to the node serving
+  its key's slot, which one held connection could not).
 - Before each command the connection is checked as the pool checks it at checkout
   (a socket the server closed is reconnected first), so a server restart costs no
   failed command. Commands are never resent: a command whose reply was lost may have been applied.
@@ -29,6 +31,7 @@ import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 __all__ = ["MIN_POOL_SIZE", "CommandLane"]
@@ -42,11 +45,13 @@ class CommandLane:
 
     __slots__ = ("_busy", "_connection", "_loop", "_redis", "_release_when_done", "_shared")
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis | RedisCluster) -> None:
         self._redis = redis
         self._connection: AbstractConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the held connection's loop
-        self._shared = redis.connection_pool.max_connections < MIN_POOL_SIZE
+        self._shared = (
+            isinstance(redis, RedisCluster) or redis.connection_pool.max_connections < MIN_POOL_SIZE
+        )
         self._busy = False
         self._release_when_done = False
 
@@ -62,7 +67,7 @@ class CommandLane:
         A Redis error reply raises its ``ResponseError`` subclass (e.g. ``NoScriptError``).
         """
         if self._shared:
-            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call,unused-ignore]
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # a connection held for a loop that has ended is of no use here (and its
@@ -74,6 +79,7 @@ class CommandLane:
             raise RuntimeError("a CommandLane carries one command at a time")
         self._busy = True
         try:
+            assert isinstance(self._redis, Redis)  # a cluster's lane is shared
             pool = self._redis.connection_pool
             connection = self._connection
             if connection is None:
@@ -109,4 +115,5 @@ class CommandLane:
             return
         self._connection = None
         self._release_when_done = False
+        assert isinstance(self._redis, Redis)  # a cluster's lane holds no connection
         await self._redis.connection_pool.release(connection)

@@ -23,7 +23,12 @@ from aiocache_llm.backends.rate_limits import (
     timed_out,
 )
 from aiocache_llm.backends.redis.batching import ScriptBatcher
-from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
+from aiocache_llm.backends.redis.connection import (
+    DRIVER_ERRORS,
+    RedisBackend,
+    backend_error,
+    request_topology_refresh,
+)
 from aiocache_llm.core.config import RateLimitConfig
 from aiocache_llm.core.errors import BackendError, BackendUnavailableError, RateLimitExceeded
 from aiocache_llm.core.guard import BackendGuard
@@ -444,6 +449,8 @@ class RedisRateLimiter(RedisBackend):
     process's.
     """
 
+    supports_cluster = True
+
     def __init__(
         self,
         *,
@@ -466,12 +473,12 @@ class RedisRateLimiter(RedisBackend):
         self._budget = config.budget
         self._window_us = max(1, round(config.window_seconds * 1_000_000))
         super().__init__(url=url, client=client, key_prefix=key_prefix)
-        self._guard = BackendGuard(
-            f"rate limiter {self._prefix!r}",
-            timeout=self._operation_timeout,
-            failure_threshold=breaker_threshold,
-            reset_after=breaker_reset_after,
-        )
+        self._breaker_threshold = breaker_threshold
+        self._guard = self._new_guard(f"rate limiter {self._prefix!r}")
+        # on a cluster, one guard per primary (by node name): a failing primary opens
+        # the breaker of its own users only
+        self._node_guards: dict[str, BackendGuard] = {}
+        self._guard_nodes: dict[BackendGuard, str] = {}
         # concurrent checks leave as one pipeline; each still runs atomically on its own
         self._consume = ScriptBatcher(
             self._redis, consume_script(self._budget, self._window_us), operation="check"
@@ -479,8 +486,10 @@ class RedisRateLimiter(RedisBackend):
         self._refund = self._redis.register_script(REFUND)
         self._release_script = self._redis.register_script(release_script(self._window_us))
         self._queues = AcquireQueues(self._check_open, jitter=True)
-        self._outage = False
-        self._answers = 0  # round trips answered: tells a stale failure from an outage
+        # per guard (one per node on a cluster): whether an outage was logged, and the
+        # round trips answered (tells a stale failure from an outage)
+        self._outages: set[BackendGuard] = set()
+        self._answers: dict[BackendGuard, int] = {}
         self._granted = 0
         self._granted_tokens = 0
         self._refunded_tokens = 0
@@ -588,7 +597,7 @@ class RedisRateLimiter(RedisBackend):
         """
         self._check_open()
         keys = self.keys(user_id)
-        await self._guarded("reset", lambda: self._redis.unlink(*keys))
+        await self._guarded("reset", lambda: self._redis.unlink(*keys), keys[0])
         self._queues.nudge(user_id)
 
     async def refund(self, user_id: str, tokens: int) -> int:
@@ -605,7 +614,9 @@ class RedisRateLimiter(RedisBackend):
         check_tokens(tokens)
         try:
             given = int(
-                await self._guarded("refund", lambda: self._refund(keys=list(keys), args=[tokens]))
+                await self._guarded(
+                    "refund", lambda: self._refund(keys=list(keys), args=[tokens]), keys[0]
+                )
             )
         except BackendError as exc:
             self._fail_open(exc)
@@ -655,7 +666,7 @@ class RedisRateLimiter(RedisBackend):
         try:
             given = int(
                 await self._guarded(
-                    "release", lambda: self._release_script(keys=list(keys), args=args)
+                    "release", lambda: self._release_script(keys=list(keys), args=args), keys[0]
                 )
             )
         except BackendError as exc:
@@ -752,12 +763,42 @@ class RedisRateLimiter(RedisBackend):
         expired).
         """
         reply = await self._guarded(
-            operation, lambda: self._consume.run(keys, (tokens, flags), operation=operation)
+            operation,
+            lambda: self._consume.run(keys, (tokens, flags), operation=operation),
+            keys[0],
         )
         return int(reply[0]), int(reply[1]), int(reply[2]), reply[3] if len(reply) > 3 else b""
 
-    async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call`` behind the guard: its result, or :class:`BackendError` if no answer.
+    def _new_guard(self, name: str) -> BackendGuard:
+        return BackendGuard(
+            name,
+            timeout=self._operation_timeout,
+            failure_threshold=self._breaker_threshold,
+            reset_after=self._retry_after,
+        )
+
+    def _guard_for(self, key: bytes) -> BackendGuard:
+        """The guard of the node serving ``key``: the limiter's own on a single server.
+
+        On a cluster each primary gets its own guard (deadline and breaker), so a
+        failing primary opens the breaker for the users whose keys it serves, never
+        for the others. Once the cluster promotes a replica, the slot's new primary
+        has a guard of its own, closed. O(1).
+        """
+        name = self.node_of(key)
+        if name is None:
+            return self._guard
+        guard = self._node_guards.get(name)
+        if guard is None:
+            guard = self._node_guards[name] = self._new_guard(
+                f"rate limiter {self._prefix!r} on {name}"
+            )
+            self._guard_nodes[guard] = name
+        return guard
+
+    async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]], key: bytes) -> T:
+        """Run ``call`` behind the guard of ``key``'s node: its result, or
+        :class:`BackendError` if no answer.
 
         Not answering is the driver's error (mapped), no reply before the deadline, or
         not being sent while the breaker is open. Every such failure is counted here,
@@ -765,12 +806,14 @@ class RedisRateLimiter(RedisBackend):
         """
         failures: list[BackendError] = []
         started = False
-        answers_before = self._answers
+        guard = self._guard_for(key)
+        answers_before = self._answers.get(guard, 0)
 
         async def run() -> T | _DataError:
             nonlocal started
             started = True
             try:
+                await self._ready()  # a cluster client's topology, fetched once
                 return await call()
             except BackendError as exc:  # batched: already mapped, the driver's error as cause
                 cause = exc.__cause__
@@ -789,12 +832,12 @@ class RedisRateLimiter(RedisBackend):
                 failures.append(BackendError(f"redis {operation} failed: {exc!r}"))
                 raise failures[-1] from exc
 
-        result = await self._guard.call(run, _NO_ANSWER)
+        result = await guard.call(run, _NO_ANSWER)
         if result is not _NO_ANSWER:
-            self._answers += 1
-            if self._outage:
-                self._outage = False
-                logger.info("rate limiter %r reaches Redis again: budgets enforced", self._prefix)
+            self._answers[guard] = self._answers.get(guard, 0) + 1
+            if guard in self._outages:
+                self._outages.discard(guard)
+                logger.info("%s reaches Redis again: budgets enforced", guard.name)
             if isinstance(result, _DataError):
                 self._backend_errors += 1
                 logger.debug("rate limiter %r: %s", self._prefix, result.error)
@@ -812,12 +855,17 @@ class RedisRateLimiter(RedisBackend):
                 f"redis {operation} not sent: Redis failed repeatedly, the circuit breaker "
                 f"asks again within {self._retry_after:g} s"
             )
+        if self._cluster is not None and not isinstance(
+            error.__cause__, redis_errors.ResponseError
+        ):
+            # the node may be gone or frozen: let the client look for its successor
+            request_topology_refresh(self._cluster, self._guard_nodes.get(guard))
         # a failure while other calls were answered is a lone or stale one, not an outage
-        if not self._outage and self._answers == answers_before:
-            self._outage = True
+        if guard not in self._outages and self._answers.get(guard, 0) == answers_before:
+            self._outages.add(guard)
             logger.warning(
-                "rate limiter %r cannot reach Redis (%s): %s until it answers",
-                self._prefix,
+                "%s cannot reach Redis (%s): %s until it answers",
+                guard.name,
                 error,
                 _POLICY_WORDS[self._failure_mode],
             )

@@ -4,6 +4,7 @@ Keys, with ``p`` the key prefix, ``S`` a scope digest and ``D`` an entry digest
 (both 64 hex characters)::
 
     p:s:S:vec     hash    D -> vector (float32, little-endian)
+    p:s:S:txt     hash    D -> the text that was embedded (UTF-8), for verifiers
     p:s:S:exp     zset    D -> expiry (server ms), entries with a TTL only
     p:s:S:log     stream  changes: u=token o=a d=D v=vector x=expiry | u o=r d=D | u o=n
     p:s:S:v:D     string  the encoded value (SET PX with the entry's TTL)
@@ -32,6 +33,7 @@ __all__ = [
     "CHANGES",
     "DROP_PROMOTIONS",
     "FETCH",
+    "FETCH_TEXTS",
     "INVALIDATE",
     "LINK_PROMOTION",
     "LOG_FLOOR",
@@ -118,6 +120,7 @@ local function remove_entry(base, digest, floor, token)
     -- its promotions go with it; returns true if its vector was there
     local vectors_key = base .. ':vec'
     local removed = try('HDEL', vectors_key, digest)
+    try('HDEL', base .. ':txt', digest)
     try('UNLINK', base .. ':v:' .. digest)
     try('ZREM', base .. ':exp', digest)
     drop_promotions(base .. ':pr:' .. digest)
@@ -126,7 +129,7 @@ local function remove_entry(base, digest, floor, token)
     end
     if (try('HLEN', vectors_key) or 0) == 0 then
         -- an empty scope leaves nothing behind; mirrors find the log gone and resync
-        redis.call('UNLINK', base .. ':log', base .. ':exp')
+        redis.call('UNLINK', base .. ':log', base .. ':exp', base .. ':txt')
     else
         try('XADD', base .. ':log', 'MAXLEN', '~', log_length(vectors_key, floor), '*',
             'u', token, 'o', 'r', 'd', digest)
@@ -251,15 +254,57 @@ end
 return {0}
 """
 
+FETCH_TEXTS = """
+-- The texts of some candidates (for a verifier) and the value of the first that exists.
+-- KEYS[1..n] candidate value keys (best first), KEYS[n+1] scope texts (hash),
+-- KEYS[n+2] recency index (zset)
+-- ARGV[1..n] the candidates' digests, ARGV[n+1..2n] their recency members ('S:D'),
+-- ARGV[2n+1] '1' to mark the first existing candidate most recently used
+-- returns {i, value, ms left, texts} as FETCH does for the first existing candidate i
+-- ({-i, 0, 0, texts} if it holds another type than a string, {0, 0, 0, texts} if none
+-- exists), where texts[j] is candidate j's text, 0 if its value is gone, or 1 if it
+-- has no text (stored by an earlier version)
+local n = (#KEYS - 2)
+local texts = {}
+local first, value, left = 0, 0, 0
+for i = 1, n do
+    local exists = redis.call('EXISTS', KEYS[i]) == 1
+    if exists and first == 0 then
+        local found = redis.pcall('GET', KEYS[i])
+        if type(found) == 'table' and found.err then
+            first = -i
+        else
+            first, value, left = i, found, redis.call('PTTL', KEYS[i])
+            if ARGV[2 * n + 1] == '1' then
+                local t = redis.call('TIME')
+                redis.pcall('ZADD', KEYS[n + 2], 'XX', t[1] * 1000000 + t[2], ARGV[n + i])
+            end
+        end
+    end
+    if exists then
+        local text = redis.pcall('HGET', KEYS[n + 1], ARGV[i])
+        if type(text) ~= 'string' then
+            text = 1
+        end
+        texts[i] = text
+    else
+        texts[i] = 0
+    end
+end
+return {first, value, left, texts}
+"""
+
 PUT = (
     """
 -- Store one entry, reap a few expired entries of its scope, evict beyond max_size.
 -- KEYS[1] scope vectors (hash), KEYS[2] scope log (stream), KEYS[3] scope expiries (zset),
 -- KEYS[4] entry value (string), KEYS[5] dimension (string), KEYS[6] recency index (zset),
--- KEYS[7] expiry index of a bounded cache (zset), KEYS[8] the entry's promotions (set)
+-- KEYS[7] expiry index of a bounded cache (zset), KEYS[8] the entry's promotions (set),
+-- KEYS[9] scope texts (hash)
 -- ARGV[1] entry digest, ARGV[2] vector bytes, ARGV[3] encoded value, ARGV[4] ttl ms
 -- ('0' = never), ARGV[5] dimension, ARGV[6] max entries ('0' = unbounded), ARGV[7] scope
--- digest, ARGV[8] key prefix, ARGV[9] log floor, ARGV[10] reap limit, ARGV[11] token
+-- digest, ARGV[8] key prefix, ARGV[9] log floor, ARGV[10] reap limit, ARGV[11] token,
+-- ARGV[12] the entry's text
 -- returns {1, live entries evicted} once stored, or {0, stored dimension} (nothing
 -- written) when the cache already holds vectors of another dimension
 -- A bounded cache reaps expired entries of any scope before it evicts a live one (as
@@ -276,8 +321,9 @@ if dim ~= ARGV[5] then
     redis.call('SET', KEYS[5], ARGV[5])
 end
 if claim(KEYS[1], 'hash') then
-    redis.call('UNLINK', KEYS[2], KEYS[3])
+    redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[9])
 end
+claim(KEYS[9], 'hash')
 claim(KEYS[2], 'stream')
 claim(KEYS[3], 'zset')
 claim(KEYS[6], 'zset')
@@ -306,6 +352,7 @@ end
 
 local fresh = redis.call('EXISTS', KEYS[1]) == 0
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[9], ARGV[1], ARGV[12])
 local ttl = tonumber(ARGV[4])
 local expires = 0
 if ttl > 0 then
@@ -327,11 +374,11 @@ if ttl > 0 then
         lifetime = ttl
     end
 end
-for i = 1, 3 do
+for _, key in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[9]}) do
     if lifetime < 0 then
-        redis.call('PERSIST', KEYS[i])
+        redis.call('PERSIST', key)
     else
-        redis.call('PEXPIRE', KEYS[i], lifetime)
+        redis.call('PEXPIRE', key, lifetime)
     end
 end
 
