@@ -17,7 +17,12 @@ import time
 from collections.abc import Iterator
 
 from tests.support.redis_cluster import cli
-from tests.support.redis_server import RedisServer, free_port, redis_server_binary
+from tests.support.redis_server import (
+    RedisServer,
+    die_with_parent,
+    free_port,
+    redis_server_binary,
+)
 
 __all__ = ["SERVICE", "LocalSentinel", "running_sentinel"]
 
@@ -77,7 +82,7 @@ class LocalSentinel:
             "--port", str(port), "--bind", "127.0.0.1", "--dir", self._dir,
         ]  # fmt: skip
         self.sentinel.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
         )
 
     def _wait_ready(self, timeout: float) -> None:

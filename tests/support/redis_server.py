@@ -7,18 +7,22 @@ stopped by the pid this helper started; the shared server on 6379 is never touch
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
 import pytest
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary"]
+__all__ = ["RedisServer", "die_with_parent", "free_port", "redis_server_binary"]
+
+_PR_SET_PDEATHSIG = 1
 
 
 def redis_server_binary() -> str:
@@ -29,6 +33,17 @@ def redis_server_binary() -> str:
             pytest.fail("redis-server binary not found (AIOCACHE_LLM_REQUIRE_REDIS=1)")
         pytest.skip("redis-server binary not found")
     return path
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for server processes: the kernel SIGKILLs them when the test run dies.
+
+    A run that crashes (a segfault in an extension, SIGKILL, a CI timeout) never reaches
+    fixture teardown; without this its servers would keep listening, orphaned, until
+    someone hunts them down. Linux only; elsewhere a no-op.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -61,7 +76,9 @@ class RedisServer:
             "--dir", self._dir,
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
