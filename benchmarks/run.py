@@ -41,6 +41,7 @@ SCENARIOS = [
     "stampede",
     "memory_rss",
     "streaming",
+    "cluster",
 ]
 HERE = Path(__file__).resolve().parent
 PEERS = ["aiocache_llm", "aiocache", "cashews", "limits", "redis", "hiredis", "numpy", "orjson"]

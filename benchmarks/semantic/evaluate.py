@@ -197,7 +197,8 @@ def operating_point(
     pairs: Sequence[Pair], similarities: Sequence[float], accepted: Sequence[bool], threshold: float
 ) -> OperatingPoint:
     """What ``threshold`` serves on ``pairs``: rates overall and wrong rate per trap category."""
-    served = [s >= threshold and ok for s, ok in zip(similarities, accepted, strict=True)]
+    # float32 dot products can pass 1 by an ULP: clipped, so a threshold above 1 serves none
+    served = [min(s, 1.0) >= threshold and ok for s, ok in zip(similarities, accepted, strict=True)]
     hits = sum(1 for p, on in zip(pairs, served, strict=True) if on and p.should_hit)
     wrong = sum(1 for p, on in zip(pairs, served, strict=True) if on and not p.should_hit)
     positives = sum(p.should_hit for p in pairs)

@@ -35,7 +35,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from aiocache_llm.backends.redis.cluster import slot_groups
+from aiocache_llm.backends.redis.cluster import is_slot_in_motion, slot_groups
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
 from aiocache_llm.backends.redis.lane import CommandLane
 
@@ -191,17 +191,41 @@ class GetBatcher(_Batcher[str]):
             return result
         groups = list(slot_groups(requests).values())
         if len(groups) == 1:
-            return list(await self._cluster.execute_command("MGET", *requests))
+            try:
+                return list(await self._cluster.execute_command("MGET", *requests))
+            except DRIVER_ERRORS as exc:
+                if not is_slot_in_motion(exc):
+                    raise
+                return await self._get_each(self._cluster, requests)
         # one MGET per slot (a multi-key command never spans slots), one pipeline
         results: list[Any] = [None] * len(requests)
         async with self._cluster.pipeline(transaction=False) as pipe:
             for positions in groups:
                 pipe.execute_command("MGET", *(requests[i] for i in positions))
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+        split: list[int] = []  # positions whose slot is being migrated
         for positions, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException) and is_slot_in_motion(reply):
+                split.extend(positions)
+                continue
             for index, position in enumerate(positions):
                 results[position] = reply if isinstance(reply, BaseException) else reply[index]
+        if split:
+            each = await self._get_each(self._cluster, [requests[i] for i in split])
+            for position, result in zip(split, each, strict=True):
+                results[position] = result
         return results
+
+    @staticmethod
+    async def _get_each(cluster: RedisCluster, keys: list[str]) -> list[Any]:
+        """One ``GET`` per key, in one pipeline: the fallback for an ``MGET`` whose slot
+        is being migrated (TRYAGAIN while its keys are split between two nodes; a
+        single key follows the ASK redirection instead)."""
+        async with cluster.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.execute_command("GET", key)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
 
 ScriptRun = tuple[Sequence[Any], Sequence[Any], str]

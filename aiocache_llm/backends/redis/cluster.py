@@ -11,11 +11,32 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-__all__ = ["has_hash_tag", "key_slot_of", "scan_keys", "slot_groups", "unlink_keys"]
+__all__ = [
+    "has_hash_tag",
+    "is_slot_in_motion",
+    "key_slot_of",
+    "scan_keys",
+    "slot_groups",
+    "unlink_keys",
+]
+
+
+def is_slot_in_motion(exc: BaseException) -> bool:
+    """Whether ``exc`` says a slot is being migrated (resharding), not that a node failed.
+
+    While a slot moves, a command on several of its keys gets TRYAGAIN as long as
+    they are split between the two nodes, and redis-py, after retrying a command
+    through TRYAGAIN/ASK/MOVED 16 times (about 0.4 s), gives up with
+    ``ClusterError("TTL exhausted.")``. The node answered: the command did not run.
+    """
+    if isinstance(exc, (redis_errors.TryAgainError, redis_errors.AskError)):
+        return True  # MovedError is an AskError
+    return isinstance(exc, redis_errors.ClusterError) and "TTL exhausted" in str(exc)
 
 
 def has_hash_tag(key: str | bytes) -> bool:

@@ -32,7 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from aiocache_llm.backends.redis.cluster import scan_keys, unlink_keys
+from aiocache_llm.backends.redis.cluster import is_slot_in_motion, scan_keys, unlink_keys
 from aiocache_llm.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -130,6 +130,8 @@ def backend_error(exc: BaseException, operation: str) -> BackendError:
     # redis-py derives AuthenticationError from ConnectionError, but a wrong password
     # is a configuration error that no retry will cure, not an unreachable server
     if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, redis_errors.AuthenticationError):
+        return BackendUnavailableError(message)
+    if is_slot_in_motion(exc):  # a resharding's redirections ran out: transient
         return BackendUnavailableError(message)
     if isinstance(exc, redis_errors.RedisClusterException) and any(
         words in str(exc) for words in _CLUSTER_UNREACHABLE

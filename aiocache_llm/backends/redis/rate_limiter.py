@@ -23,6 +23,7 @@ from aiocache_llm.backends.rate_limits import (
     timed_out,
 )
 from aiocache_llm.backends.redis.batching import ScriptBatcher
+from aiocache_llm.backends.redis.cluster import is_slot_in_motion
 from aiocache_llm.backends.redis.connection import (
     DRIVER_ERRORS,
     RedisBackend,
@@ -346,6 +347,14 @@ class _DataError:
 
 
 def _is_data_error(exc: BaseException) -> bool:
+    """An error of this key, not of its node: it never counts against the node's breaker.
+
+    A user's keys of another type or a failing script; on a cluster, the user's slot
+    being migrated (TRYAGAIN until both keys are on one node, see
+    :func:`is_slot_in_motion`): the node answered, its other users must not fail.
+    """
+    if is_slot_in_motion(exc):
+        return True
     # OOM, READONLY, NOPERM and the like are their own subclasses: the server's state
     if type(exc) is not redis_errors.ResponseError:
         return False
