@@ -35,7 +35,11 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from aiocache_llm.backends.redis.cluster import is_slot_in_motion, slot_groups
+from aiocache_llm.backends.redis.cluster import (
+    get_during_migration,
+    is_slot_in_motion,
+    slot_groups,
+)
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, backend_error
 from aiocache_llm.backends.redis.lane import CommandLane
 
@@ -182,7 +186,12 @@ class GetBatcher(_Batcher[str]):
         return GetBatcher(self._redis, max_batch=self._max_batch)
 
     async def _send_one(self, request: str) -> Any:
-        return await self._lane.execute("GET", request)
+        try:
+            return await self._lane.execute("GET", request)
+        except DRIVER_ERRORS as exc:
+            if self._cluster is None or not is_slot_in_motion(exc):
+                raise
+            return await get_during_migration(self._cluster, request)
 
     async def _send_many(self, requests: list[str]) -> Sequence[Any]:
         if self._cluster is None:
@@ -220,11 +229,29 @@ class GetBatcher(_Batcher[str]):
     async def _get_each(cluster: RedisCluster, keys: list[str]) -> list[Any]:
         """One ``GET`` per key, in one pipeline: the fallback for an ``MGET`` whose slot
         is being migrated (TRYAGAIN while its keys are split between two nodes; a
-        single key follows the ASK redirection instead)."""
+        single key follows the ASK redirection instead). A ``GET`` that still finds its
+        slot in motion is read again with :func:`get_during_migration`."""
         async with cluster.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.execute_command("GET", key)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+        # a GET can exhaust its redirections too: redis-py sends ASKING on another
+        # connection than the redirected command, which then bounces ASK/MOVED.
+        # Read again together: each within its own deadline, not one after another.
+        again = [
+            index
+            for index, reply in enumerate(replies)
+            if isinstance(reply, BaseException) and is_slot_in_motion(reply)
+        ]
+        if again:
+            results = await asyncio.gather(
+                *(get_during_migration(cluster, keys[index]) for index in again),
+                return_exceptions=True,
+            )
+            for index, result in zip(again, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, DRIVER_ERRORS):
+                    raise result
+                replies[index] = result
         return replies
 
 

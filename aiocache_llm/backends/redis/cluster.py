@@ -8,15 +8,19 @@ single server (one "node", every key in one group), so callers keep one code pat
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 __all__ = [
+    "SLOT_IN_MOTION_GET_DEADLINE_S",
+    "execute_during_migration",
+    "get_during_migration",
     "has_hash_tag",
     "is_slot_in_motion",
     "key_slot_of",
@@ -109,3 +113,94 @@ async def unlink_keys(client: Redis | RedisCluster, keys: list[bytes]) -> int:
             pipe.execute_command("UNLINK", *(keys[i] for i in positions))
         replies: list[Any] = await pipe.execute()
     return sum(int(reply) for reply in replies)
+
+
+SLOT_IN_MOTION_GET_DEADLINE_S = 2.0
+"""How long :func:`get_during_migration` keeps following redirections of one key."""
+
+
+async def get_during_migration(
+    cluster: RedisCluster, key: str, *, deadline_s: float = SLOT_IN_MOTION_GET_DEADLINE_S
+) -> Any:
+    """``GET key`` on a cluster, following ``ASK`` with ``ASKING`` on the same connection.
+
+    For a key whose slot is being migrated. redis-py sends ``ASKING`` as a command of
+    its own, on whichever pooled connection of the target is free, and the redirected
+    command on the next one: when the target node has two free connections the command
+    arrives without ``ASKING``, the importing target answers ``MOVED`` back to the
+    source, the source ``ASK`` again, and after 16 hops ``ClusterError("TTL
+    exhausted.")``. Here ``ASKING`` and ``GET`` are written together on one connection.
+    ``MOVED`` is followed (the slot map is left to the client: the next command it
+    routes there patches it); every fourth hop, and after ``TRYAGAIN``, it waits a
+    little first (10 ms, doubling up to 100 ms). After ``deadline_s`` the
+    last redirection error is raised (a ``BackendUnavailableError`` to callers). A read
+    answers only what a node serving the key says: never a miss for a key it holds.
+    """
+    return await execute_during_migration(cluster, key, ("GET", key), deadline_s=deadline_s)
+
+
+async def execute_during_migration(
+    cluster: RedisCluster,
+    key: str,
+    command: tuple[Any, ...],
+    *,
+    deadline_s: float = SLOT_IN_MOTION_GET_DEADLINE_S,
+) -> Any:
+    """Run ``command`` (on ``key`` alone) as :func:`get_during_migration` runs ``GET``.
+
+    Only for a command that is safe to send again after a redirection error (a node
+    answering ``ASK``, ``MOVED`` or ``TRYAGAIN`` did not run it), e.g. ``SET``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    node: ClusterNode | None = cluster.get_node_from_key(key)
+    asking = False
+    hops = 0
+    delay = 0.01
+    while True:
+        if node is None:  # redirected to a node the client does not know yet
+            return await cluster.execute_command(*command)
+        error: redis_errors.RedisError
+        try:
+            return await _run_on_node(node, command, asking=asking)
+        except redis_errors.MovedError as exc:  # an AskError too: first
+            error = exc
+            host, port = cluster.nodes_manager.remap_host_port(exc.host or node.host, exc.port)
+            node, asking = cluster.get_node(host=host, port=port), False
+        except redis_errors.AskError as exc:
+            error = exc
+            host, port = cluster.nodes_manager.remap_host_port(exc.host or node.host, exc.port)
+            node, asking = cluster.get_node(host=host, port=port), True
+        except redis_errors.TryAgainError as exc:
+            error = exc
+        hops += 1
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise error
+        if hops % 4 == 0 or isinstance(error, redis_errors.TryAgainError):
+            # ASK then MOVED, and again: the slot map is changing under us
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+
+async def _run_on_node(node: ClusterNode, command: tuple[Any, ...], *, asking: bool) -> Any:
+    """``command`` on ``node`` alone, preceded by ``ASKING`` on the same connection."""
+    connection = node.acquire_connection()
+    clean = False  # whether no reply is left unread on the connection
+    try:
+        if asking:
+            await connection.send_packed_command(connection.pack_commands([("ASKING",), command]))
+            await connection.read_response()
+        else:
+            await connection.send_packed_command(connection.pack_command(*command))
+        try:
+            value = await connection.read_response()
+        except redis_errors.ResponseError:
+            clean = True
+            raise
+        clean = True
+        return value
+    finally:
+        if not clean:
+            await connection.disconnect()
+        node.release(connection)

@@ -155,6 +155,20 @@ _READY_LOCKS: weakref.WeakKeyDictionary[
 _READY_LOCKS = weakref.WeakKeyDictionary()
 
 
+def _has_topology(client: RedisCluster) -> bool:
+    """Whether ``client`` has a slot map to route by (its first ``initialize()`` is done).
+
+    Not ``_initialize``: redis-py sets that flag again to ask for a refresh after an
+    error (ours too: :func:`request_topology_refresh`), and the refresh it asks for is
+    run by the driver itself, paced, while the current map keeps serving. Waiting here
+    for that refresh would make every command, healthy nodes' included, queue behind it.
+    """
+    ready = getattr(client, "_topology_ready", None)
+    if ready is not None:  # redis-py >= 8: set once a refresh has finished, cleared by aclose()
+        return bool(ready)
+    return not getattr(client, "_initialize", False)
+
+
 async def ensure_ready(client: RedisClient) -> None:
     """Initialize a cluster client once before it serves concurrent commands; O(1) after.
 
@@ -162,16 +176,20 @@ async def ensure_ready(client: RedisClient) -> None:
     some of them inside the driver (``AttributeError`` on a connection not yet made);
     one ``initialize()``, under a lock per client and event loop, fetches the topology
     first. A client that asks for a new topology later (after a failover) refreshes
-    it on its own. A plain client needs nothing. Raises :class:`BackendError`.
+    it on its own, without this lock: a command is never held here behind a refresh
+    (a healthy node's callers would wait on a failed node's). A plain client needs
+    nothing. Raises :class:`BackendError`.
     """
-    if not isinstance(client, RedisCluster) or not getattr(client, "_initialize", False):
+    if not isinstance(client, RedisCluster):
+        return
+    if _has_topology(client):
         return
     loop = asyncio.get_running_loop()
     held = _READY_LOCKS.get(client)
     if held is None or held[0] is not loop:
         held = _READY_LOCKS[client] = (loop, asyncio.Lock())
     async with held[1]:
-        if not getattr(client, "_initialize", False):
+        if _has_topology(client):
             return
         try:
             await client.initialize()

@@ -8,9 +8,15 @@ from typing import Any
 from pydantic import BaseModel
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from aiocache_llm.backends.redis.batching import GetBatcher
-from aiocache_llm.backends.redis.cluster import has_hash_tag, scan_keys
+from aiocache_llm.backends.redis.cluster import (
+    execute_during_migration,
+    has_hash_tag,
+    is_slot_in_motion,
+    scan_keys,
+)
 from aiocache_llm.backends.redis.connection import DRIVER_ERRORS, RedisBackend, backend_error
 from aiocache_llm.core.codec import DEFAULT_MAX_VALUE_BYTES, UndeclaredTypes, ValueCodec
 from aiocache_llm.core.errors import (
@@ -365,9 +371,26 @@ class RedisExactCache(RedisBackend):
                 )
                 self._evictions += int(evicted)
             else:
-                await self._redis.set(key, data, px=ttl_ms)
+                await self._set(key, data, ttl_ms)
         except DRIVER_ERRORS as exc:
             raise backend_error(exc, "put") from exc
+
+    async def _set(self, key: str, data: bytes, ttl_ms: int | None) -> None:
+        """``SET key data [PX ttl_ms]``; on a cluster, through a slot migration.
+
+        redis-py can exhaust its redirections for a key already migrated (it sends
+        ``ASKING`` on another connection than the ``SET``): the ``SET`` did not run,
+        and is sent again with ``ASKING`` on its own connection
+        (:func:`execute_during_migration`, bounded by ``SLOT_IN_MOTION_GET_DEADLINE_S``).
+        """
+        client: Redis | RedisCluster = self._redis  # a RedisCluster on a cluster
+        try:
+            await client.set(key, data, px=ttl_ms)
+        except DRIVER_ERRORS as exc:
+            if not isinstance(client, RedisCluster) or not is_slot_in_motion(exc):
+                raise
+            command = ("SET", key, data) + (("PX", ttl_ms) if ttl_ms is not None else ())
+            await execute_during_migration(client, key, command)
 
     async def invalidate(self, query: Query) -> bool:
         """Delete the entry of ``query``; return whether one was there. One round trip."""
