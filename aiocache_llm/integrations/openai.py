@@ -50,16 +50,14 @@ from aiocache_llm.gateway.gateway import InferenceGateway
 from aiocache_llm.gateway.streaming import ChunkStream
 from aiocache_llm.integrations.wrapping import (
     CacheOptions,
-    CallTracker,
-    RefreshedStream,
     WrappedClient,
     check_namespace,
+    create_through,
     endpoint,
     gateway_for,
     new_id,
 )
 from aiocache_llm.integrations.wrapping import cache_options as _cache_options
-from aiocache_llm.integrations.wrapping import is_one_shot as _is_one_shot
 from aiocache_llm.integrations.wrapping import key_value as _key_value
 
 try:
@@ -276,58 +274,26 @@ class CachedCompletions:
         raises (``openai.APIStatusError`` and so on; never cached). Cancelling the call
         never cancels the SDK call other callers share.
         """
-        options = _cache_options(cache)
         owner = self._owner
-        stream = kwargs.get("stream")
-        if not (stream is None or type(stream) is bool or isinstance(stream, _UNSET_TYPES)):
-            raise InvalidInputTypeError(f"stream must be a bool, got {type(stream).__name__}")
-        # an iterator is read once for the key, so the SDK must get the same items
-        kwargs = {name: list(v) if _is_one_shot(v) else v for name, v in kwargs.items()}
-        key_query = owner.key_query(kwargs)
-        create: Any = owner.client.chat.completions.create
-        gateway = owner.gateway
-        call = CallTracker(lambda: create(**kwargs))
-        if stream is True:
-            chunks = gateway.stream_with(
-                key_query,
-                call,
-                options.get("user_id"),
-                no_cache=options.get("no_cache", False),
-                no_store=options.get("no_store", False),
-                ttl_seconds=options.get("ttl_seconds"),
-            )
-            # as the SDK's create(stream=True): errors before the first chunk raise here
-            try:
-                await chunks.start()
-            except BaseException:
-                # cancelled or failed before the caller got it: nobody will read or close
-                # it, and an open consumer would keep a shared stream from being abandoned
-                await chunks.aclose()
-                raise
-            if owner.fresh_hit_ids and not call.called:
-                # decided at the first chunk, which start() has received: one replay,
-                # one id and one time for all its chunks
-                return RefreshedStream(chunks, _refresher(new_id("chatcmpl-", 29)))
-            return chunks
-        completion: ChatCompletion = await gateway.resolve_with(
-            key_query,
-            call,
-            options.get("user_id"),
-            no_cache=options.get("no_cache", False),
-            no_store=options.get("no_store", False),
-            ttl_seconds=options.get("ttl_seconds"),
+        answer: ChatCompletion | ChunkStream = await create_through(
+            owner.gateway,
+            owner.client.chat.completions.create,
+            kwargs,
+            _cache_options(cache),
+            key_query=owner.key_query,
+            unset_types=_UNSET_TYPES,
+            refresher=_new_refresher if owner.fresh_hit_ids else None,
+            response_fields=("_request_id",),
         )
-        if owner.fresh_hit_ids and not call.called:
-            completion = _refresher(new_id("chatcmpl-", 29))(completion)
-        if not call.called or not hasattr(completion, "_request_id"):
-            # a hit or a share of another caller's call: the SDK's public _request_id
-            # names one HTTP response, which this call did not make; None, as on an
-            # object the SDK built without one
-            completion._request_id = None
-        return completion
+        return answer
 
 
 _UNSET_TYPES = (openai.NotGiven, openai.Omit)
+
+
+def _new_refresher() -> Callable[[Any], Any]:
+    """A refresher with a new id in the SDK's style (``chatcmpl-`` and 29 letters and digits)."""
+    return _refresher(new_id("chatcmpl-", 29))
 
 
 def _refresher(completion_id: str) -> Callable[[Any], Any]:

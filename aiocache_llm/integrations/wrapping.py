@@ -229,6 +229,73 @@ class RefreshedStream(ChunkStream):
         await self._inner.aclose()
 
 
+async def create_through(
+    gateway: InferenceGateway,
+    create: Callable[..., Any],
+    kwargs: dict[str, Any],
+    options: CacheOptions,
+    *,
+    key_query: Callable[[Mapping[str, Any]], dict[str, Any]],
+    unset_types: tuple[type, ...],
+    refresher: Callable[[], Callable[[Any], Any]] | None,
+    response_fields: tuple[str, ...],
+) -> Any:
+    """One wrapped SDK ``create(**kwargs)``, answered through ``gateway``.
+
+    ``stream=True`` returns the gateway's :class:`ChunkStream` once its first chunk is
+    there (errors before it raise here, as from the SDK's own ``create``); otherwise
+    the answer. ``refresher`` (``fresh_hit_ids``; None when off) builds the function
+    that gives an answer not made by this call's own HTTP response a new id: one per
+    call, shared by every chunk of one replay. On such an answer ``response_fields``
+    (the SDK's ``_request_id`` and the like, which name one HTTP response) are None.
+    Raises :class:`InvalidInputTypeError` for a ``stream`` that is not a bool, before any I/O.
+    """
+    stream = kwargs.get("stream")
+    if not (stream is None or type(stream) is bool or isinstance(stream, unset_types)):
+        raise InvalidInputTypeError(f"stream must be a bool, got {type(stream).__name__}")
+    # an iterator is read once for the key, so the SDK must get the same items
+    kwargs = {name: list(v) if is_one_shot(v) else v for name, v in kwargs.items()}
+    query = key_query(kwargs)
+    call = CallTracker(lambda: create(**kwargs))
+    if stream is True:
+        chunks = gateway.stream_with(
+            query,
+            call,
+            options.get("user_id"),
+            no_cache=options.get("no_cache", False),
+            no_store=options.get("no_store", False),
+            ttl_seconds=options.get("ttl_seconds"),
+        )
+        try:
+            await chunks.start()
+        except BaseException:
+            # cancelled or failed before the caller got it: nobody will read or close
+            # it, and an open consumer would keep a shared stream from being abandoned
+            await chunks.aclose()
+            raise
+        if refresher is not None and not call.called:
+            # decided at the first chunk, which start() has received
+            return RefreshedStream(chunks, refresher())
+        return chunks
+    answer = await gateway.resolve_with(
+        query,
+        call,
+        options.get("user_id"),
+        no_cache=options.get("no_cache", False),
+        no_store=options.get("no_store", False),
+        ttl_seconds=options.get("ttl_seconds"),
+    )
+    if refresher is not None and not call.called:
+        answer = refresher()(answer)
+    for name in response_fields:
+        if not call.called or not hasattr(answer, name):
+            # a hit or a share of another caller's call: the field names one HTTP
+            # response, which this call did not make; None, as on an object the SDK
+            # built without one
+            setattr(answer, name, None)
+    return answer
+
+
 class WrappedClient:
     """What a wrapper shares: its gateway, its namespace, the cache it built, whether
     answers that did not come from their own call get fresh ids, and every other
